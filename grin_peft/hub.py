@@ -1,0 +1,92 @@
+"""Sharing deltas: a model card that says what a GRIN delta is, and crash-safe saving for `save_pretrained`."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from huggingface_hub import ModelCard
+
+from .config import GrinConfig
+
+CARD_HEADING = "## GRIN unlearning delta"
+CARD_TAGS = ("grin", "unlearning", "peft", "sparse-delta")
+
+
+def describe_adapter(peft_model, adapter_name: str) -> dict:
+    """Facts about one GRIN adapter for the model card and for reports."""
+    config: GrinConfig = peft_model.peft_config[adapter_name]
+    per_module = peft_model.base_model.num_entries(adapter_name)
+    targeted = sum(layer.grin_numel for layer in peft_model.base_model.grin_layers(adapter_name).values())
+    entries = sum(per_module.values())
+    return {
+        "adapter": adapter_name,
+        "trainable_entries": entries,
+        "targeted_entries": targeted,
+        "density": entries / targeted if targeted else 0.0,
+        "modules": len(per_module),
+        "score": config.score,
+        "selection": config.selection,
+        "noise": f"{config.noise_std} ({config.noise_scale})",
+        "forget_description": config.forget_description,
+        "base_model_fingerprint": config.base_model_fingerprint,
+    }
+
+
+def update_model_card(peft_model, output_dir: str) -> None:
+    """Add GRIN's metadata and a short section to the README that PEFT just wrote."""
+    grin_adapters = [name for name, cfg in peft_model.peft_config.items() if isinstance(cfg, GrinConfig)]
+    if not grin_adapters:
+        return
+    filename = os.path.join(output_dir, "README.md")
+    card = ModelCard.load(filename)
+    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(CARD_TAGS))
+    card.data["library_name"] = "peft"
+    base = peft_model.peft_config[grin_adapters[0]].base_model_name_or_path
+    if base and not card.data.get("base_model"):
+        card.data["base_model"] = base
+    if not card.data.get("base_model"):  # a model built from a config has no Hub id to point at
+        card.data.pop("base_model", None)
+        card.data["tags"] = [t for t in card.data["tags"] if t != "base_model:adapter:"]
+    facts = describe_adapter(peft_model, peft_model.active_adapter if peft_model.active_adapter in grin_adapters
+                             else grin_adapters[0])
+    card.data["grin"] = {k: v for k, v in facts.items() if v is not None}
+    lines = [CARD_HEADING, "",
+             "A sparse delta made with [grin_peft](https://github.com/) (GRIN: gradient-ratio localisation, noise "
+             "injection and training of the selected entries only).", ""]
+    if facts["forget_description"]:
+        lines += [f"**What it makes the model forget:** {facts['forget_description']}", ""]
+    lines += [
+        f"- trainable entries: {facts['trainable_entries']:,} of {facts['targeted_entries']:,} targeted "
+        f"(density {facts['density']:.3g}) in {facts['modules']} modules",
+        f"- selection: score `{facts['score']}`, scope `{facts['selection']}`; noise {facts['noise']}",
+        f"- base model fingerprint: `{facts['base_model_fingerprint']}`",
+        "",
+        "Load with `import grin_peft; PeftModel.from_pretrained(base, repo_id)`; deploy with `merge_and_unload()`; "
+        "undo a merge exactly with `grin_peft.revert(merged_model, repo_id)`.",
+    ]
+    text = card.text
+    if CARD_HEADING in text:
+        text = text[: text.index(CARD_HEADING)].rstrip() + "\n"
+    card.text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    card.save(filename)
+
+
+def install() -> None:
+    """Hook GRIN's card and atomic writes into PEFT's save path, once (idempotent)."""
+    import peft.peft_model as peft_model_module
+
+    from .delta_file import atomic_save_file
+
+    if getattr(peft_model_module, "_grin_installed", False):
+        return
+    peft_model_module.safe_save_file = atomic_save_file
+    original = peft_model_module.PeftModel.create_or_update_model_card
+
+    @functools.wraps(original)
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        update_model_card(self, output_dir)
+
+    peft_model_module.PeftModel.create_or_update_model_card = create_or_update_model_card
+    peft_model_module._grin_installed = True

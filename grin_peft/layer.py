@@ -1,0 +1,248 @@
+"""GRIN tuner layers: a frozen linear layer plus a sparse delta whose values are the only trainable parameters."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .errors import GrinError
+from .sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
+
+INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 indices halve the file size; only weights with more than 2**31 entries need int64."""
+    return torch.int32 if numel <= INT32_MAX else torch.int64
+
+
+def validate_entries(module_name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
+    """Refuse indices and values that would corrupt a weight, naming the module, before anything is written."""
+    if indices.dim() != 1 or values.dim() != 1:
+        raise GrinError(f"{module_name}: GRIN indices and values must be 1-D, got {tuple(indices.shape)} and "
+                        f"{tuple(values.shape)}.")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise GrinError(f"{module_name}: GRIN indices must be int32 or int64, got {indices.dtype}.")
+    if not values.dtype.is_floating_point:
+        raise GrinError(f"{module_name}: GRIN values must be floating point, got {values.dtype}.")
+    if indices.numel() != values.numel():
+        raise GrinError(f"{module_name}: {indices.numel()} indices but {values.numel()} values.")
+    if indices.numel() == 0:
+        return
+    idx = indices.long()
+    if int(idx.min()) < 0 or int(idx.max()) >= numel:
+        raise GrinError(f"{module_name}: GRIN index out of range [0, {numel}) (min {int(idx.min())}, "
+                        f"max {int(idx.max())}).")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise GrinError(f"{module_name}: GRIN indices must be strictly increasing (duplicate or unsorted entries).")
+    if not bool(torch.isfinite(values).all()):
+        raise GrinError(f"{module_name}: GRIN values contain NaN or Inf.")
+
+
+class GrinLayer(BaseTunerLayer):
+    """State shared by all GRIN layers: per adapter, flat indices into the base weight as stored, trainable values,
+    and the base weight's original values at those indices (what an exact revert of a merge needs)."""
+
+    adapter_layer_names = ("grin_values",)
+    other_param_names = ("grin_indices", "grin_base_values")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.grin_values = nn.ParameterDict({})
+        self.grin_indices = BufferDict(persistent=True)
+        self.grin_base_values = BufferDict(persistent=True)
+        self._grin_patterns: dict[str, tuple[tuple, SparsePattern]] = {}
+        self._grin_premerge: dict[str, torch.Tensor] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        base = self.get_base_layer()
+        weight = base.weight
+        if getattr(base, "is_conv1d", False) or type(base).__name__ == "Conv1D":
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def grin_numel(self) -> int:
+        """Number of entries of the base weight: the index space of this layer."""
+        return self.in_features * self.out_features
+
+    def _grin_weight(self) -> torch.Tensor:
+        """The base weight as a tensor whose flat view the indices address."""
+        weight = self.get_base_layer().weight
+        if not weight.is_contiguous():
+            raise GrinError(f"{type(self).__name__}: GRIN needs a contiguous base weight.")
+        return weight
+
+    def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        """Create an empty adapter; selection fills it in (at injection for data-free scores, else in localize)."""
+        weight = self._grin_weight()
+        idx_dtype = index_dtype(self.grin_numel)
+        self.grin_indices[adapter_name] = torch.zeros(0, dtype=idx_dtype, device=weight.device)
+        self.grin_base_values[adapter_name] = torch.zeros(0, dtype=weight.dtype, device=weight.device)
+        self.grin_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=weight.device))
+        self.set_adapter(self.active_adapters, inference_mode=getattr(config, "inference_mode", False))
+
+    def grin_num_entries(self, adapter_name: str) -> int:
+        """How many weight entries this adapter trains here."""
+        return self.grin_values[adapter_name].numel() if adapter_name in self.grin_values else 0
+
+    def set_grin_entries(
+        self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None, module_name: str = ""
+    ) -> None:
+        """Point the adapter at new entries: record the base values there and make `values` the trainable delta."""
+        if adapter_name in self.merged_adapters:
+            raise GrinError(f"{module_name or type(self).__name__}: unmerge adapter '{adapter_name}' before "
+                            "changing its entries.")
+        weight = self._grin_weight()
+        indices = indices.to(device=weight.device)
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
+        validate_entries(module_name or type(self).__name__, indices, values, self.grin_numel)
+        old = self.grin_values.get(adapter_name)
+        requires_grad = old.requires_grad if old is not None else True
+        self.grin_indices[adapter_name] = indices.to(index_dtype(self.grin_numel))
+        self.grin_base_values[adapter_name] = weight.detach().reshape(-1)[indices.long()].clone()
+        self.grin_values[adapter_name] = nn.Parameter(
+            values.detach().to(device=weight.device, dtype=torch.float32).clone(), requires_grad=requires_grad
+        )
+        self._grin_patterns.pop(adapter_name, None)
+
+    def resize_grin_entries(self, adapter_name: str, num_entries: int, base_dtype: torch.dtype) -> None:
+        """Give the adapter buffers of a saved delta's sizes so PEFT's `load_state_dict` can fill them."""
+        device = self._grin_weight().device
+        self.grin_indices[adapter_name] = torch.zeros(
+            num_entries, dtype=index_dtype(self.grin_numel), device=device
+        )
+        self.grin_base_values[adapter_name] = torch.zeros(num_entries, dtype=base_dtype, device=device)
+        requires_grad = self.grin_values[adapter_name].requires_grad
+        self.grin_values[adapter_name] = nn.Parameter(
+            torch.zeros(num_entries, dtype=self.grin_values[adapter_name].dtype, device=device),
+            requires_grad=requires_grad,
+        )
+        self._grin_patterns.pop(adapter_name, None)
+
+    def _grin_pattern(self, adapter_name: str) -> SparsePattern:
+        """The CSR structure of an adapter's delta, rebuilt only when its indices change."""
+        indices = self.grin_indices[adapter_name]
+        key = (indices.data_ptr(), indices._version, indices.numel(), indices.device)
+        cached = self._grin_patterns.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pattern = SparsePattern.from_flat_indices(
+            indices, self.out_features, self.in_features, transposed=self._grin_transposed
+        )
+        self._grin_patterns[adapter_name] = (key, pattern)
+        return pattern
+
+    @property
+    def _grin_transposed(self) -> bool:
+        """Conv1D stores its weight (in, out): flat indices address that layout."""
+        return getattr(self, "fan_in_fan_out", False)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense delta in the base weight's layout, for PEFT APIs that expect one (never used in training)."""
+        weight = self._grin_weight()
+        return sparse_delta_dense(self.grin_values[adapter_name], self._grin_pattern(adapter_name), weight.dtype)
+
+    def grin_merge_plan(
+        self, adapter_names: list[str], safe_merge: bool, module_name: str = ""
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Compute what a merge would write, and refuse it, before touching the weight, if anything is non-finite."""
+        weight = self._grin_weight()
+        flat = weight.detach().reshape(-1)
+        name = module_name or type(self).__name__
+        merged_so_far: list[tuple[torch.Tensor, torch.Tensor]] = []
+        plan = []
+        for adapter in adapter_names:
+            if adapter not in self.grin_values or self.grin_values[adapter].numel() == 0:
+                continue
+            values = self.grin_values[adapter].detach()
+            if not bool(torch.isfinite(values).all()):
+                raise GrinError(f"{name}: adapter '{adapter}' has NaN/Inf values; refusing to merge.")
+            idx = self.grin_indices[adapter].long()
+            old = flat[idx].clone()
+            # adapters merged together may overlap: later ones build on earlier ones' results
+            for other_idx, other_new in merged_so_far:
+                pos = torch.searchsorted(other_idx, idx).clamp(max=other_idx.numel() - 1)
+                hit = other_idx[pos] == idx
+                old[hit] = other_new[pos[hit]]
+            new = (old.float() + values.float()).to(weight.dtype)
+            if safe_merge and not bool(torch.isfinite(new).all()):
+                raise GrinError(f"{name}: merging adapter '{adapter}' would produce NaN/Inf weights.")
+            merged_so_far.append((idx, new))
+            plan.append((adapter, idx, old, new))
+        return plan
+
+    def grin_apply_merge(self, plan: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+                         adapter_names: list[str]) -> None:
+        """Write a validated merge plan; keep the replaced values so unmerge restores them bit for bit."""
+        flat = self._grin_weight().data.view(-1)
+        for adapter, idx, old, new in plan:
+            flat[idx] = new
+            self._grin_premerge[adapter] = old
+        self.merged_adapters.extend(a for a in adapter_names if a in self.grin_values)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas into the base weight (one rounding per entry), exactly undoable by `unmerge`."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self.grin_apply_merge(self.grin_merge_plan(adapter_names, safe_merge), adapter_names)
+
+    def unmerge(self) -> None:
+        """Restore the exact values the merges replaced, most recent merge first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        flat = self._grin_weight().data.view(-1)
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.grin_values or self.grin_values[adapter].numel() == 0:
+                continue
+            idx = self.grin_indices[adapter].long()
+            old = self._grin_premerge.pop(adapter, None)
+            if old is None:  # merged before this object existed: subtract (exact only up to rounding)
+                old = (flat[idx].float() - self.grin_values[adapter].detach().float()).to(flat.dtype)
+            flat[idx] = old
+
+    def grin_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus x @ D^T for each active adapter, without ever forming D densely."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter not in self.grin_values:
+                continue
+            values = self.grin_values[adapter]
+            if values.numel() == 0:
+                continue
+            delta = sparse_delta_linear(x.to(result.dtype), values, self._grin_pattern(adapter))
+            result = result + delta
+        return result
+
+
+class Linear(nn.Module, GrinLayer):
+    """GRIN on `torch.nn.Linear` and on transformers' `Conv1D` (GPT-2), whose weight is stored transposed."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        super().__init__()
+        GrinLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.grin_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "grin." + super().__repr__()

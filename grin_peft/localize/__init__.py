@@ -1,0 +1,1 @@
+"""Localization: per-entry scores from data, and the sparse selection they drive."""

@@ -1,0 +1,312 @@
+"""`GrinModel`: the PEFT tuner that injects GRIN layers, selects their entries, and guards loading and merging."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import GrinConfig
+from .delta_file import PEFT_PREFIX, group_modules, read_tensors, resolve_file, validate_modules, WEIGHTS_NAME
+from .errors import GrinError
+from .fingerprint import architecture, fingerprint
+from .layer import GrinLayer, Linear, validate_entries
+from .localize.select import per_module_budgets, resolve_budget, select_global, select_per_module
+from .noise import module_generator, noise_values
+
+
+def _is_supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _strip_prefix(name: str) -> str:
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def _base_weight_of(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The base weight of module `name` in a raw or PEFT-wrapped model, or None if there is no such linear layer."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def apply_fingerprint_policy(config: GrinConfig, problem: str) -> None:
+    """Refuse, warn or ignore a base mismatch as the (loaded) config says."""
+    if config.fingerprint_check == "error":
+        raise GrinError(f"{problem} Refusing to apply the delta; if you are sure, load the config with "
+                        "GrinConfig.from_pretrained, set fingerprint_check='warn' and pass it as config=.")
+    if config.fingerprint_check == "warn":
+        warnings.warn(problem, stacklevel=3)
+
+
+class GrinModel(BaseTuner):
+    """Creates a GRIN model from a transformers (or any torch) model.
+
+    Example:
+        ```py
+        >>> import grin_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, grin_peft.GrinConfig(target_modules="all-linear", density=1e-3))
+        >>> model.localize(forget_data, retain_data)  # gradient-ratio selection + noise
+        ```
+    """
+
+    prefix: str = "grin_"
+    tuner_layer_cls = GrinLayer
+    target_module_mapping: dict = {}
+
+    # ---------------------------------------------------------------- injection
+    def _prepare_adapter_config(self, peft_config: GrinConfig, model_config: dict) -> GrinConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: GrinConfig, adapter_name: str) -> None:
+        """Fingerprint a new base, or check a saved delta against this base before anything is wrapped."""
+        arch = architecture(model)
+        current = fingerprint(model)
+        self._grin_loading = getattr(self, "_grin_loading", set())
+        if config.base_model_fingerprint is None:
+            config.base_model_fingerprint = current
+            config.base_model_architecture = arch
+            return
+        self._grin_loading.add(adapter_name)
+        if config.base_model_architecture and config.base_model_architecture != arch:
+            apply_fingerprint_policy(
+                config, f"The delta was made for a {config.base_model_architecture} model, this base is {arch}."
+            )
+        elif config.base_model_fingerprint != current:
+            apply_fingerprint_policy(config, "The base model's weights differ from those the delta was made for "
+                                     "(fingerprint mismatch).")
+        source = getattr(config, "_grin_source", None)
+        if source is not None:
+            path, subfolder, hub_kwargs = source
+            tensors = read_tensors(resolve_file(path, WEIGHTS_NAME, subfolder, **hub_kwargs))
+            self._check_delta(model, config, tensors, arch)
+
+    @staticmethod
+    def _check_delta(model: nn.Module, config: GrinConfig, tensors: dict[str, torch.Tensor], arch: str) -> None:
+        modules, others = group_modules(tensors)
+        for key, tensor in others.items():
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
+        differing = validate_modules(modules, lambda name: _base_weight_of(model, name), arch)
+        if differing:
+            apply_fingerprint_policy(config, f"The base weights differ at the delta's entries in {len(differing)} "
+                                     f"module(s), e.g. {differing[0]}: the delta was made for another base.")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except ValueError as exc:
+            if isinstance(exc, GrinError) or "not found in the base model" not in str(exc):
+                raise
+            raise GrinError(f"GRIN target_modules matched nothing in the model: {exc}") from exc
+
+    def _create_and_replace(
+        self,
+        grin_config: GrinConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, GrinLayer):
+            target.update_layer(adapter_name, grin_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not _is_supported_base(base):
+            raise GrinError(f"{current_key}: GRIN adapts torch.nn.Linear and transformers Conv1D layers, not "
+                            f"{type(base).__name__}.")
+        new_module = Linear(target, adapter_name, grin_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: GrinConfig, adapter_name: str) -> None:
+        if adapter_name in getattr(self, "_grin_loading", set()):
+            self._grin_loading.discard(adapter_name)
+            return
+        if config.selects_at_injection:
+            self.select_entries(adapter_name, self._data_free_score(config))
+
+    # ---------------------------------------------------------------- selection
+    def grin_layers(self, adapter_name: Optional[str] = None) -> dict[str, GrinLayer]:
+        """GRIN layers by module name (relative to the base model), optionally only those holding an adapter."""
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, GrinLayer) and (adapter_name is None or adapter_name in module.grin_values)
+        }
+
+    def _data_free_score(self, config: GrinConfig):
+        layers = self.grin_layers()
+        if config.score == "magnitude":
+            return lambda name: layers[name].get_base_layer().weight.detach().abs()
+        return lambda name: torch.rand(
+            layers[name].grin_numel, generator=module_generator(config.seed, name, "select")
+        )
+
+    def select_entries(self, adapter_name: str, score_fn) -> dict[str, torch.Tensor]:
+        """Select entries under the adapter's budget from per-module scores, then initialise values with noise.
+
+        Everything is computed before the first layer changes, so a failure leaves the adapter as it was.
+        """
+        config = self.peft_config[adapter_name]
+        layers = self.grin_layers(adapter_name)
+        numels = {name: layer.grin_numel for name, layer in layers.items()}
+        k = resolve_budget(numels, None if config.num_entries else config.budget_density, config.num_entries)
+        if config.selection == "global":
+            selected = select_global(numels, score_fn, k)
+        else:
+            selected = select_per_module(numels, score_fn, per_module_budgets(numels, k))
+        self.set_entries(adapter_name, selected)
+        return selected
+
+    def set_entries(
+        self, adapter_name: str, selected: dict[str, torch.Tensor], values: Optional[dict[str, torch.Tensor]] = None
+    ) -> None:
+        """Point every layer of the adapter at its selected entries, with initial values = noise (+ given values)."""
+        config = self.peft_config[adapter_name]
+        layers = self.grin_layers(adapter_name)
+        unknown = sorted(set(selected) - set(layers))
+        if unknown:
+            raise GrinError(f"no GRIN layer named {unknown[0]} for adapter '{adapter_name}'.")
+        plan = {}
+        for name, layer in layers.items():
+            idx = selected.get(name, torch.zeros(0, dtype=torch.long)).long()
+            weight = layer.get_base_layer().weight
+            init = values[name].float().cpu() if values and name in values else torch.zeros(idx.numel())
+            if not config.init_weights:
+                init = init + torch.randn(idx.numel(), generator=module_generator(config.seed, name, "init"))
+            init = init + noise_values(weight, idx, config.noise_std, config.noise_scale, config.seed, name)
+            validate_entries(name, idx, init, layer.grin_numel)
+            plan[name] = (idx, init)
+        for name, (idx, init) in plan.items():
+            layers[name].set_grin_entries(adapter_name, idx, init, module_name=name)
+
+    def num_entries(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Trained entries per module for an adapter (default: the active one)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        return {name: layer.grin_num_entries(adapter_name) for name, layer in self.grin_layers(adapter_name).items()}
+
+    # ---------------------------------------------------------------- merging
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge into the base weights in two phases: validate every layer, then write; never half merged."""
+        self._check_merge_allowed()
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        plans = []
+        for name, layer in self.grin_layers().items():
+            names = check_adapters_to_merge(layer, adapter_names)
+            plans.append((layer, layer.grin_merge_plan(names, safe_merge, module_name=name), names))
+        for layer, plan, names in plans:
+            layer.grin_apply_merge(plan, names)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge:
+            from peft.tuners.tuners_utils import check_adapters_to_merge
+
+            for name, layer in self.grin_layers().items():
+                layer.grin_merge_plan(check_adapters_to_merge(layer, adapter_names), safe_merge, module_name=name)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """A new adapter whose delta is sum_i weights[i] * delta_i over the union of the adapters' entries."""
+        if not adapters or len(adapters) != len(weights):
+            raise GrinError("add_weighted_adapter needs as many weights as adapters, and at least one adapter.")
+        for name in adapters:
+            if name not in self.peft_config or not isinstance(self.peft_config[name], GrinConfig):
+                raise GrinError(f"add_weighted_adapter: '{name}' is not a GRIN adapter of this model.")
+        if adapter_name in self.peft_config:
+            raise GrinError(f"add_weighted_adapter: an adapter named '{adapter_name}' already exists.")
+        if any(name in layer.merged_adapters for layer in self.grin_layers().values() for name in adapters):
+            raise GrinError("add_weighted_adapter: unmerge the adapters first.")
+        combined_idx, combined_values = {}, {}
+        for module_name, layer in self.grin_layers().items():
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.grin_values]
+            if not present:
+                continue
+            all_idx = torch.cat([layer.grin_indices[a].long().cpu() for a, _ in present])
+            union = torch.unique(all_idx, sorted=True)
+            total = torch.zeros(union.numel(), dtype=torch.float32)
+            for a, w in present:
+                idx = layer.grin_indices[a].long().cpu()
+                total.index_add_(0, torch.searchsorted(union, idx), float(w) * layer.grin_values[a].detach().float()
+                                 .cpu())
+            combined_idx[module_name], combined_values[module_name] = union, total
+        config = copy.deepcopy(self.peft_config[adapters[0]])
+        config.density, config.num_entries = None, max(1, sum(v.numel() for v in combined_values.values()))
+        config.noise_std, config.init_weights = 0.0, True
+        config.forget_description = " + ".join(f"{w} x {a}" for a, w in zip(adapters, weights))
+        self.peft_config[adapter_name] = config
+        for module_name in combined_idx:
+            layer = self.model.get_submodule(module_name)
+            layer.update_layer(adapter_name, config)
+            layer.set_grin_entries(adapter_name, combined_idx[module_name], combined_values[module_name],
+                                   module_name=module_name)
+            layer.grin_values[adapter_name].requires_grad_(False)
+
+    # ---------------------------------------------------------------- saving and loading
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for key, tensor in to_return.items():
+            if key.endswith(f"grin_values.{adapter_name}") and not bool(torch.isfinite(tensor).all()):
+                raise GrinError(f"{key}: NaN/Inf values; refusing to save a broken delta.")
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Validate a loaded delta against the model, size each layer's buffers to it, then map keys as PEFT does.
+
+        If anything is wrong, the half-loaded adapter is removed again so the model is as it was.
+        """
+        tuner = model.base_model if hasattr(model, "base_model") and isinstance(model.base_model, cls) else model
+        layers = {
+            _strip_prefix(name): module
+            for name, module in model.named_modules()
+            if isinstance(module, GrinLayer) and adapter_name in module.grin_values
+        }
+        try:
+            modules, _ = group_modules(state_dict)
+            missing = sorted(set(layers) - set(modules))
+            if missing:
+                raise GrinError(f"{missing[0]}: the delta file lacks this module's tensors (grin_indices, "
+                                "grin_values, grin_base_values).")
+            weight_of = lambda name: layers[name]._grin_weight() if name in layers else None  # noqa: E731
+            differing = validate_modules(modules, weight_of, architecture(getattr(tuner, "model", model)))
+            merged = [n for n in differing if layers[n].merged_adapters]
+            if len(merged) != len(differing):
+                apply_fingerprint_policy(config, "The base weights differ at the delta's entries: the delta was "
+                                         "made for another base.")
+        except GrinError:
+            cls._discard_adapter(tuner, adapter_name)
+            raise
+        for name, delta in modules.items():
+            layers[name].resize_grin_entries(adapter_name, delta.indices.numel(), delta.base_values.dtype)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @staticmethod
+    def _discard_adapter(tuner: "GrinModel", adapter_name: str) -> None:
+        """Undo an injection whose weights turned out to be unusable."""
+        if not isinstance(tuner, GrinModel) or adapter_name not in tuner.peft_config:
+            return
+        if len(tuner.peft_config) == 1:
+            tuner._unload_and_optionally_merge(merge=False)
+        else:
+            tuner.delete_adapter(adapter_name)
