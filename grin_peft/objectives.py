@@ -1,0 +1,478 @@
+"""Unlearning losses on causal-LM logits, and a registry of them by name.
+
+Everything here is a pure function of tensors. The trainer runs the model (and the reference, i.e. the same model
+with its adapter disabled, under ``torch.no_grad``) and hands the results over in an :class:`ObjectiveInputs`; each
+objective declares in :attr:`UnlearningObjective.requirements` which of those tensors it reads, so the trainer runs
+no forward pass it does not need.
+
+Conventions, chosen to match open-unlearning (locuslab) so that results stay comparable with the field's reference
+framework:
+
+- Labels use -100 for ignored positions and the standard causal shift applies: ``logits[:, t]`` predicts
+  ``labels[:, t + 1]``.
+- Token-level NLL terms (grad ascent, retain NLL, refusal NLL) are the mean over every answer token of the batch,
+  which is what a Hugging Face causal LM returns as ``loss`` and what open-unlearning uses.
+- Sequence-level terms (NPO, DPO) use the per-example *sum* of token NLL (open-unlearning's ``compute_batch_nll``);
+  SimNPO divides that sum by the number of answer tokens.
+- Reference quantities arrive as per-example summed NLL (``sequence_nll(ref_logits, labels, reduction="sum")``),
+  except for the KL term, which needs the reference's full distribution and so takes reference logits.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import GrinError
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "GradAscent",
+    "GradDiff",
+    "IdkDPO",
+    "IdkNLL",
+    "NPO",
+    "ObjectiveInputs",
+    "Requirements",
+    "SimNPO",
+    "UnlearningObjective",
+    "batch_nll",
+    "get_objective",
+    "kl_to_reference",
+    "sequence_nll",
+]
+
+
+def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate shapes and apply the causal shift, so every loss below reads the same aligned pairs."""
+    if logits.dim() != 3:
+        raise GrinError(f"logits must have shape [batch, seq_len, vocab]; got shape {tuple(logits.shape)}.")
+    if labels.shape != logits.shape[:2]:
+        raise GrinError(
+            f"labels must have shape [batch, seq_len] matching logits {tuple(logits.shape)}; "
+            f"got shape {tuple(labels.shape)}."
+        )
+    if logits.shape[1] < 2:
+        raise GrinError("sequences need at least 2 positions: the causal shift predicts token t+1 from position t.")
+    # Upcast as Hugging Face's loss does: bf16 log-softmax loses too much precision for a loss signal.
+    return logits[:, :-1].float(), labels[:, 1:]
+
+
+def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token NLL [batch, seq_len - 1] (0 at ignored positions) and the answer-token mask."""
+    shift_logits, shift_labels = _shifted(logits, labels)
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return nll, shift_labels != IGNORE_INDEX
+
+
+def _nll_sums(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example summed answer NLL and answer-token counts, both [batch].
+
+    An example with no answer token (e.g. an answer cut off by truncation) has no defined mean and is almost always
+    a data bug, so it raises instead of producing NaN or a silent 0.
+    """
+    nll, mask = _token_nll(logits, labels)
+    counts = mask.sum(dim=-1)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise GrinError(
+            f"examples {empty} of the batch have no answer token (every label is {IGNORE_INDEX} after the causal "
+            "shift); check truncation and the label mask."
+        )
+    return nll.sum(dim=-1), counts
+
+
+def sequence_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Per-example NLL of the answer tokens, shape [batch].
+
+    ``reduction="sum"`` gives the negative sequence log-likelihood ``-log p(y|x)`` that NPO and DPO compare with a
+    reference; ``"mean"`` divides it by the number of answer tokens (the length normalisation of SimNPO and of
+    TOFU's Probability metric). Examples with no answer token raise :class:`GrinError`.
+    """
+    if reduction not in ("mean", "sum"):
+        raise GrinError(f"reduction must be 'mean' or 'sum'; got {reduction!r}.")
+    sums, counts = _nll_sums(logits, labels)
+    return sums if reduction == "sum" else sums / counts
+
+
+def batch_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean NLL over every answer token of the batch (a scalar): a Hugging Face causal LM's own ``loss``.
+
+    Longer answers weigh more than short ones, as in open-unlearning's GradAscent/GradDiff. Raises only when the
+    whole batch has no answer token, since then there is nothing to average.
+    """
+    nll, mask = _token_nll(logits, labels)
+    n_tokens = mask.sum()
+    if n_tokens == 0:
+        raise GrinError(f"the batch has no answer token: every label is {IGNORE_INDEX} after the causal shift.")
+    return nll.sum() / n_tokens
+
+
+def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
+    """KL(p_ref || p_theta) summed over the vocabulary, averaged over the positions predicting answer tokens.
+
+    The direction matches open-unlearning's ``compute_kl_divergence`` (``F.kl_div(log p_theta, log p_ref,
+    log_target=True)``): it penalises the trained model for dropping mass where the original model put it.
+    open-unlearning averages over every position of the padded batch (prompt and padding included); here only the
+    positions that predict a retain answer token count, so padding length cannot dilute the term.
+    """
+    if ref_logits.shape != logits.shape:
+        raise GrinError(
+            f"reference logits must have the same shape as the logits: {tuple(ref_logits.shape)} vs "
+            f"{tuple(logits.shape)}."
+        )
+    shift_logits, shift_labels = _shifted(logits, labels)
+    mask = shift_labels != IGNORE_INDEX
+    if not mask.any():
+        raise GrinError(f"the batch has no answer token: every label is {IGNORE_INDEX} after the causal shift.")
+    # Select answer positions before the log-softmax: it is the memory-heavy [tokens, vocab] step.
+    log_p = F.log_softmax(shift_logits[mask], dim=-1)
+    log_p_ref = F.log_softmax(ref_logits[:, :-1].float()[mask], dim=-1)
+    return F.kl_div(log_p, log_p_ref, reduction="sum", log_target=True) / mask.sum()
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What an objective reads, so the trainer computes nothing else.
+
+    ``forget``, ``refusal``, ``retain``: the trained model's logits on that batch (with gradients).
+    ``reference_forget``, ``reference_refusal``: the reference model's per-example summed NLL on that batch.
+    ``reference_retain``: the reference model's logits on the retain batch (for the KL term).
+    """
+
+    forget: bool
+    refusal: bool
+    retain: bool
+    reference_forget: bool
+    reference_refusal: bool
+    reference_retain: bool
+
+
+@dataclass
+class ObjectiveInputs:
+    """The tensors an objective may read; fill in what :attr:`UnlearningObjective.requirements` asks for.
+
+    Logits are [batch, seq_len, vocab] from the model being trained; labels are the collator's [batch, seq_len]
+    labels with -100 on ignored positions. The refusal batch holds the forget questions paired with refusal answers
+    (e.g. TOFU's ``idontknow.jsonl``); for DPO its rows must pair with the forget batch's rows. Reference NLLs are
+    per-example sums, ``sequence_nll(ref_logits, labels, reduction="sum")``, computed under ``torch.no_grad``.
+    """
+
+    forget_logits: Tensor | None = None
+    forget_labels: Tensor | None = None
+    refusal_logits: Tensor | None = None
+    refusal_labels: Tensor | None = None
+    retain_logits: Tensor | None = None
+    retain_labels: Tensor | None = None
+    ref_forget_nll: Tensor | None = None
+    ref_refusal_nll: Tensor | None = None
+    ref_retain_logits: Tensor | None = None
+
+
+def _check_number(owner: str, name: str, value: object, bound: str | None) -> None:
+    """Reject non-numbers, NaN/inf and values outside ``bound`` up front, before a run wastes hours on them.
+
+    ``bound`` is ``"> 0"``, ``">= 0"`` or None (any finite number).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise GrinError(f"{owner}: {name} must be a finite number; got {value!r}.")
+    if (bound == "> 0" and value <= 0) or (bound == ">= 0" and value < 0):
+        raise GrinError(f"{owner}: {name} must be {bound}; got {value!r}.")
+
+
+def _token_mean(sums: Tensor, counts: Tensor) -> float:
+    """The batch's token-mean NLL for logging, so ``forget_nll`` means the same for every objective."""
+    return (sums.sum() / counts.sum()).item()
+
+
+def _check_reference_nll(owner: str, name: str, ref_nll: Tensor, batch_size: int) -> None:
+    if ref_nll.shape != (batch_size,):
+        raise GrinError(
+            f"{owner}: {name} must be the per-example summed NLL, shape ({batch_size},); got {tuple(ref_nll.shape)}."
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlearningObjective(ABC):
+    """Common interface: ``loss = forget_weight * forget_term + retain_weight * NLL_r + kl_weight * KL_r``.
+
+    ``NLL_r`` is :func:`batch_nll` on the retain batch (GradDiff's retain term, open-unlearning's default
+    ``retain_loss_type: NLL``); ``KL_r`` is :func:`kl_to_reference` on the retain batch (open-unlearning's
+    ``retain_loss_type: KL``). A zero weight drops the term and its forward passes from :attr:`requirements`.
+    Subclasses define the forget term and declare which forget-side tensors it reads.
+    """
+
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    kl_weight: float = 0.0
+
+    name: ClassVar[str]
+    uses_forget: ClassVar[bool] = True
+    uses_refusal: ClassVar[bool] = False
+    uses_reference_forget: ClassVar[bool] = False
+    uses_reference_refusal: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        for name in ("forget_weight", "retain_weight", "kl_weight"):
+            _check_number(self.name, name, getattr(self, name), ">= 0")
+
+    @property
+    def requirements(self) -> Requirements:
+        """The tensors :meth:`compute` reads from its :class:`ObjectiveInputs`."""
+        return Requirements(
+            forget=self.uses_forget,
+            refusal=self.uses_refusal,
+            retain=self.retain_weight > 0 or self.kl_weight > 0,
+            reference_forget=self.uses_reference_forget,
+            reference_refusal=self.uses_reference_refusal,
+            reference_retain=self.kl_weight > 0,
+        )
+
+    def compute(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss to backpropagate, and detached float values of its parts for logging.
+
+        Log keys: ``loss``, ``forget_term`` (unweighted), ``retain_nll`` / ``retain_kl`` when weighted in, and the
+        objective's own (``forget_nll`` and ``refusal_nll`` are always token means over the batch).
+        """
+        self._check_inputs(inputs)
+        forget_term, logs = self._forget_term(inputs)
+        logs["forget_term"] = forget_term.item()
+        loss = self.forget_weight * forget_term
+        if self.retain_weight > 0:
+            retain_nll = batch_nll(inputs.retain_logits, inputs.retain_labels)
+            logs["retain_nll"] = retain_nll.item()
+            loss = loss + self.retain_weight * retain_nll
+        if self.kl_weight > 0:
+            retain_kl = kl_to_reference(inputs.retain_logits, inputs.ref_retain_logits, inputs.retain_labels)
+            logs["retain_kl"] = retain_kl.item()
+            loss = loss + self.kl_weight * retain_kl
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    @abstractmethod
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        """The unweighted forget-side loss, and what to log about it."""
+
+    def _check_inputs(self, inputs: ObjectiveInputs) -> None:
+        """Name the missing tensor, instead of failing later on an opaque ``None`` attribute error."""
+        needs = self.requirements
+        wanted = {
+            "forget_logits": needs.forget,
+            "forget_labels": needs.forget,
+            "refusal_logits": needs.refusal,
+            "refusal_labels": needs.refusal,
+            "retain_logits": needs.retain,
+            "retain_labels": needs.retain,
+            "ref_forget_nll": needs.reference_forget,
+            "ref_refusal_nll": needs.reference_refusal,
+            "ref_retain_logits": needs.reference_retain,
+        }
+        missing = [field for field, needed in wanted.items() if needed and getattr(inputs, field) is None]
+        if missing:
+            raise GrinError(f"objective {self.name!r} ({self!r}) needs {', '.join(missing)} in its ObjectiveInputs.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradDiff(UnlearningObjective):
+    """Gradient difference: ``L = -w_f * NLL_f + w_r * NLL_r``.
+
+    Both NLLs are token means over the batch (:func:`batch_nll`), as in open-unlearning's GradDiff
+    (``gamma`` = ``forget_weight``, ``alpha`` = ``retain_weight``, both 1 by default).
+    """
+
+    name: ClassVar[str] = "grad_diff"
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        forget_nll = batch_nll(inputs.forget_logits, inputs.forget_labels)
+        return -forget_nll, {"forget_nll": forget_nll.item()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradAscent(GradDiff):
+    """Gradient ascent: ``L = -w_f * NLL_f``; GradDiff with no retain term by default.
+
+    Unbounded below: the loss falls without limit as the forget answers become improbable, which is why it is
+    the baseline that collapses models fastest.
+    """
+
+    name: ClassVar[str] = "grad_ascent"
+    retain_weight: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class NPO(UnlearningObjective):
+    """Negative Preference Optimization (Zhang et al. 2024), with a GradDiff-style retain term.
+
+    ``L_f = -(2/beta) * mean_i logsigmoid(beta * (NLL_theta(y_i|x_i) - NLL_ref(y_i|x_i)))``
+
+    which is the paper's ``-(2/beta) E[log sigmoid(-beta * log(pi_theta / pi_ref))]`` with ``log pi = -NLL``. The
+    loss is ``(2/beta) log 2`` at ``theta == ref``, falls towards 0 as the forget answers become less likely than
+    under the reference, and, unlike grad ascent, is bounded below. Sign and defaults follow open-unlearning's NPO
+    (``beta=0.1``, ``gamma`` = ``forget_weight`` = 1, ``alpha`` = ``retain_weight`` = 1).
+
+    ``nll_reduction="sum"`` (default, as open-unlearning's ``compute_batch_nll``) compares sequence
+    log-likelihoods; ``"mean"`` divides both NLLs by the answer length, so long answers do not saturate the
+    sigmoid sooner than short ones.
+    """
+
+    name: ClassVar[str] = "npo"
+    uses_reference_forget: ClassVar[bool] = True
+    beta: float = 0.1
+    nll_reduction: str = "sum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self.name, "beta", self.beta, "> 0")
+        if self.nll_reduction not in ("sum", "mean"):
+            raise GrinError(f"{self.name}: nll_reduction must be 'sum' or 'mean'; got {self.nll_reduction!r}.")
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        logits, labels = inputs.forget_logits, inputs.forget_labels
+        _check_reference_nll(self.name, "ref_forget_nll", inputs.ref_forget_nll, logits.shape[0])
+        sums, counts = _nll_sums(logits, labels)
+        nll, ref_nll = sums, inputs.ref_forget_nll.to(sums)
+        if self.nll_reduction == "mean":
+            nll, ref_nll = nll / counts, ref_nll / counts
+        log_ratio = nll - ref_nll  # = -log(pi_theta / pi_ref), > 0 once the model has unlearned
+        loss = -F.logsigmoid(self.beta * log_ratio).mean() * 2 / self.beta
+        return loss, {"forget_nll": _token_mean(sums, counts), "forget_log_ratio": log_ratio.mean().item()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimNPO(UnlearningObjective):
+    """SimNPO (Fan et al. 2024): NPO without a reference model, on the length-normalised NLL.
+
+    ``L_f = -(2/beta) * mean_i logsigmoid(beta * (NLL_theta(y_i|x_i) / |y_i| - margin))``
+
+    This is the formula of the authors' code (OPTML-Group/Unlearn-Simple) and of open-unlearning's SimNPO, where
+    the margin is subtracted before scaling by beta. The paper writes ``logsigmoid(-(beta/|y|) log pi - gamma)``,
+    i.e. ``gamma = beta * margin``; both agree at the default margin of 0.
+
+    Defaults are open-unlearning's TOFU configuration: ``beta=4.5``, ``margin=0`` (its ``delta``),
+    ``forget_weight=0.125`` (its ``gamma``, the authors' ``npo_coeff``), ``retain_weight=1`` (its ``alpha``).
+    """
+
+    name: ClassVar[str] = "simnpo"
+    forget_weight: float = 0.125
+    beta: float = 4.5
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self.name, "beta", self.beta, "> 0")
+        # Any finite margin is well defined; a negative one just lets the sigmoid saturate later.
+        _check_number(self.name, "margin", self.margin, None)
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        sums, counts = _nll_sums(inputs.forget_logits, inputs.forget_labels)
+        loss = -F.logsigmoid(self.beta * (sums / counts - self.margin)).mean() * 2 / self.beta
+        return loss, {"forget_nll": _token_mean(sums, counts)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdkNLL(UnlearningObjective):
+    """Refusal fine-tuning: ``L = w_f * NLL_idk + w_r * NLL_r``.
+
+    ``NLL_idk`` is :func:`batch_nll` on the refusal batch (the forget questions paired with refusal answers such as
+    "I don't know"). The true forget answers are never read. TOFU's original "idk" loss took one token mean over
+    the concatenated refusal + retain batch; the weighted sum here keeps the two terms' scales independent of the
+    two batches' answer lengths.
+    """
+
+    name: ClassVar[str] = "idk_nll"
+    uses_forget: ClassVar[bool] = False
+    uses_refusal: ClassVar[bool] = True
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        refusal_nll = batch_nll(inputs.refusal_logits, inputs.refusal_labels)
+        return refusal_nll, {"refusal_nll": refusal_nll.item()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdkDPO(UnlearningObjective):
+    """DPO with the refusal answer preferred over the true forget answer (the "PO" of WAGLE and GRIN).
+
+    ``L_f = -(2/beta) * mean_i logsigmoid(beta * ((log pi(c_i) - log pi_ref(c_i)) - (log pi(r_i) - log pi_ref(r_i))))``
+
+    with ``c`` the refusal (chosen) answer, ``r`` the forget (rejected) answer, ``log pi = -`` summed token NLL and
+    the reference being the model with its adapter disabled. This is open-unlearning's ``compute_dpo_loss``
+    (including its ``2/beta`` scale, so ``L_f = (2/beta) log 2`` at ``theta == ref``) with its DPO defaults:
+    ``beta=0.1``, ``forget_weight`` = ``gamma`` = 1, ``retain_weight`` = ``alpha`` = 1. Row i of the refusal batch
+    must hold the same question as row i of the forget batch.
+    """
+
+    name: ClassVar[str] = "idk_dpo"
+    uses_refusal: ClassVar[bool] = True
+    uses_reference_forget: ClassVar[bool] = True
+    uses_reference_refusal: ClassVar[bool] = True
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(self.name, "beta", self.beta, "> 0")
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        batch_size = inputs.forget_logits.shape[0]
+        if inputs.refusal_logits.shape[0] != batch_size:
+            raise GrinError(
+                f"{self.name}: the refusal batch must pair row by row with the forget batch; got "
+                f"{inputs.refusal_logits.shape[0]} refusal rows for {batch_size} forget rows."
+            )
+        _check_reference_nll(self.name, "ref_forget_nll", inputs.ref_forget_nll, batch_size)
+        _check_reference_nll(self.name, "ref_refusal_nll", inputs.ref_refusal_nll, batch_size)
+        chosen_nll, chosen_counts = _nll_sums(inputs.refusal_logits, inputs.refusal_labels)
+        rejected_nll, rejected_counts = _nll_sums(inputs.forget_logits, inputs.forget_labels)
+        chosen_log_ratio = -(chosen_nll - inputs.ref_refusal_nll.to(chosen_nll))
+        rejected_log_ratio = -(rejected_nll - inputs.ref_forget_nll.to(rejected_nll))
+        margin = chosen_log_ratio - rejected_log_ratio
+        loss = -F.logsigmoid(self.beta * margin).mean() * 2 / self.beta
+        logs = {
+            "forget_nll": _token_mean(rejected_nll, rejected_counts),
+            "refusal_nll": _token_mean(chosen_nll, chosen_counts),
+            "dpo_margin": margin.mean().item(),
+        }
+        return loss, logs
+
+
+OBJECTIVES: dict[str, type[UnlearningObjective]] = {
+    cls.name: cls for cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO)
+}
+
+
+def _normalise(name: str) -> str:
+    # "NPO", "SimNPO", "GradDiff", "grad-diff" all resolve: open-unlearning spells its methods in CamelCase.
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def get_objective(name: str, **kwargs: float | str) -> UnlearningObjective:
+    """Build an objective by name (case, ``_`` and ``-`` ignored), validating its hyper-parameters.
+
+    Unknown names and unknown hyper-parameters raise :class:`GrinError` listing the valid ones, rather than a
+    TypeError from a constructor the caller never saw.
+    """
+    if not isinstance(name, str):
+        raise GrinError(f"objective name must be a string; got {name!r}.")
+    by_key = {_normalise(key): cls for key, cls in OBJECTIVES.items()}
+    cls = by_key.get(_normalise(name))
+    if cls is None:
+        raise GrinError(f"unknown objective {name!r}; valid names: {', '.join(OBJECTIVES)}.")
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise GrinError(
+            f"objective {cls.name!r} has no hyper-parameter {', '.join(unknown)}; valid ones: {', '.join(valid)}."
+        )
+    return cls(**kwargs)

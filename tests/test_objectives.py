@@ -1,0 +1,448 @@
+"""Specification of the unlearning losses, checked against hand computations on tiny logits.
+
+Expected values are computed with ``math`` on explicit numbers, never through the torch code under test, so a wrong
+shift, mask, sign or reduction shows up as a numeric mismatch.
+"""
+
+import math
+
+import pytest
+import torch
+
+from grin_peft.errors import GrinError
+from grin_peft.objectives import (
+    NPO,
+    OBJECTIVES,
+    GradAscent,
+    GradDiff,
+    IdkDPO,
+    IdkNLL,
+    ObjectiveInputs,
+    SimNPO,
+    batch_nll,
+    get_objective,
+    kl_to_reference,
+    sequence_nll,
+)
+
+# Batch 2, sequence 4, vocab 3. logits[b][t] predicts labels[b][t + 1]; the last position predicts nothing.
+FORGET_LOGITS = [
+    [[1.0, 2.0, 0.0], [0.5, -1.0, 2.0], [0.0, 0.0, 0.0], [9.0, -9.0, 9.0]],
+    [[2.0, 1.0, 0.0], [3.0, 0.0, 1.0], [-1.0, 0.0, 1.0], [-9.0, 9.0, 9.0]],
+]
+# Example 0 answers tokens 1 and 2 (predicted from positions 0 and 1); example 1 answers 0, 1, 2 from positions 0-2.
+FORGET_LABELS = [[-100, 1, 2, -100], [-100, 0, 1, 2]]
+
+RETAIN_LOGITS = [
+    [[0.0, 1.0, -1.0], [2.0, 0.0, 1.0], [5.0, 5.0, 5.0]],
+    [[1.0, 1.0, 3.0], [0.0, -2.0, 0.5], [5.0, -5.0, 0.0]],
+]
+RETAIN_LABELS = [[-100, 0, 2], [-100, -100, 0]]
+
+
+def log_softmax(row: list[float]) -> list[float]:
+    log_z = math.log(sum(math.exp(x) for x in row))
+    return [x - log_z for x in row]
+
+
+def token_nlls(logits: list, labels: list) -> list[list[float]]:
+    """Per-example lists of answer-token NLLs, with the causal shift done by hand."""
+    out = []
+    for rows, labs in zip(logits, labels):
+        out.append([-log_softmax(rows[t])[labs[t + 1]] for t in range(len(labs) - 1) if labs[t + 1] != -100])
+    return out
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def tensor(data: list, requires_grad: bool = False) -> torch.Tensor:
+    return torch.tensor(data, dtype=torch.float32, requires_grad=requires_grad)
+
+
+def labels(data: list) -> torch.Tensor:
+    return torch.tensor(data, dtype=torch.long)
+
+
+F_NLL = token_nlls(FORGET_LOGITS, FORGET_LABELS)
+R_NLL = token_nlls(RETAIN_LOGITS, RETAIN_LABELS)
+F_SUM = [sum(x) for x in F_NLL]
+F_MEAN = [sum(x) / len(x) for x in F_NLL]
+F_TOKEN_MEAN = sum(F_SUM) / sum(len(x) for x in F_NLL)
+R_TOKEN_MEAN = sum(sum(x) for x in R_NLL) / sum(len(x) for x in R_NLL)
+
+
+def forget_inputs(**extra: torch.Tensor) -> ObjectiveInputs:
+    return ObjectiveInputs(forget_logits=tensor(FORGET_LOGITS), forget_labels=labels(FORGET_LABELS), **extra)
+
+
+def with_retain(inputs: ObjectiveInputs) -> ObjectiveInputs:
+    inputs.retain_logits = tensor(RETAIN_LOGITS)
+    inputs.retain_labels = labels(RETAIN_LABELS)
+    return inputs
+
+
+# ---------------------------------------------------------------- NLL primitives
+
+
+def test_hand_values_are_as_intended():
+    # Pins the hand helper itself on one entry: position 0 of example 0 predicts token 1 from logits [1, 2, 0].
+    assert F_NLL[0][0] == pytest.approx(-(2.0 - math.log(math.e + math.e**2 + 1.0)))
+    assert [len(x) for x in F_NLL] == [2, 3]
+
+
+def test_sequence_nll_sum_and_mean_match_hand_computation():
+    logits, labs = tensor(FORGET_LOGITS), labels(FORGET_LABELS)
+    assert sequence_nll(logits, labs, reduction="sum").tolist() == pytest.approx(F_SUM, rel=1e-6)
+    assert sequence_nll(logits, labs).tolist() == pytest.approx(F_MEAN, rel=1e-6)
+
+
+def test_batch_nll_is_token_mean_over_batch():
+    # Weighted by answer length: (2 tokens + 3 tokens) in one mean, not the mean of per-example means.
+    assert batch_nll(tensor(FORGET_LOGITS), labels(FORGET_LABELS)).item() == pytest.approx(F_TOKEN_MEAN, rel=1e-6)
+    assert F_TOKEN_MEAN != pytest.approx(sum(F_MEAN) / 2, rel=0.05)
+
+
+def test_ignored_positions_and_last_position_do_not_matter():
+    logits = tensor(FORGET_LOGITS)
+    changed = logits.clone()
+    changed[:, -1] = torch.tensor([100.0, -100.0, 50.0])  # the last position predicts nothing
+    changed[0, 2] = torch.tensor([-7.0, 7.0, 3.0])  # predicts labels[0][3] == -100
+    for reduction in ("sum", "mean"):
+        assert torch.equal(
+            sequence_nll(logits, labels(FORGET_LABELS), reduction),
+            sequence_nll(changed, labels(FORGET_LABELS), reduction),
+        )
+
+
+def test_causal_shift_is_applied():
+    # Without the shift, position 1 of example 0 would score token 1 (its own label) instead of token 2.
+    logits = torch.zeros(1, 3, 3)
+    logits[0, 0] = torch.tensor([0.0, 10.0, 0.0])  # confidently predicts token 1 at position 1
+    logits[0, 1] = torch.tensor([0.0, -10.0, 0.0])
+    nll = sequence_nll(logits, labels([[-100, 1, -100]]), reduction="sum").item()
+    assert nll == pytest.approx(-log_softmax([0.0, 10.0, 0.0])[1], abs=1e-6)
+    assert nll < 1e-3
+
+
+def test_bf16_logits_are_upcast():
+    nll = sequence_nll(tensor(FORGET_LOGITS).bfloat16(), labels(FORGET_LABELS), reduction="sum")
+    assert nll.dtype == torch.float32
+    assert nll.tolist() == pytest.approx(F_SUM, rel=2e-2)
+
+
+def test_example_without_answer_tokens_raises():
+    # Label at position 0 is never predicted, so example 1 has no answer token after the shift.
+    with pytest.raises(GrinError, match=r"examples \[1\]"):
+        sequence_nll(torch.zeros(2, 3, 4), labels([[-100, 1, 2], [3, -100, -100]]))
+    with pytest.raises(GrinError, match="no answer token"):
+        batch_nll(torch.zeros(2, 3, 4), labels([[-100, -100, -100], [3, -100, -100]]))
+
+
+@pytest.mark.parametrize(
+    ("logits", "labs", "match"),
+    [
+        (torch.zeros(2, 3), [[1, 1, 1], [1, 1, 1]], r"\[batch, seq_len, vocab\]"),
+        (torch.zeros(2, 3, 4), [[1, 1], [1, 1]], r"labels must have shape"),
+        (torch.zeros(2, 1, 4), [[1], [1]], r"at least 2 positions"),
+    ],
+)
+def test_bad_shapes_raise(logits, labs, match):
+    with pytest.raises(GrinError, match=match):
+        sequence_nll(logits, labels(labs))
+
+
+def test_bad_reduction_raises():
+    with pytest.raises(GrinError, match="reduction"):
+        sequence_nll(tensor(FORGET_LOGITS), labels(FORGET_LABELS), reduction="max")
+
+
+# ---------------------------------------------------------------- KL to the reference
+
+
+def test_kl_is_zero_for_identical_logits_and_matches_hand_value_otherwise():
+    logits, labs = tensor(RETAIN_LOGITS), labels(RETAIN_LABELS)
+    assert kl_to_reference(logits, logits.clone(), labs).item() == pytest.approx(0.0, abs=1e-7)
+
+    ref = logits.clone()
+    ref[0, 1] = torch.tensor([0.0, 0.0, 0.0])  # predicts labels[0][2]: an answer position
+    ref[1, 0] = torch.tensor([3.0, 1.0, -1.0])  # predicts labels[1][1] == -100: must not count
+    ref[1, 2] = torch.tensor([-3.0, 3.0, 0.0])  # last position: must not count
+    # KL(p_ref || p_theta) at the one changed answer position, averaged over the 3 answer positions.
+    log_p, log_q = log_softmax(RETAIN_LOGITS[0][1]), log_softmax([0.0, 0.0, 0.0])
+    expected = sum(math.exp(lq) * (lq - lp) for lp, lq in zip(log_p, log_q)) / 3
+    kl = kl_to_reference(logits, ref, labs).item()
+    assert kl > 0
+    assert kl == pytest.approx(expected, rel=1e-5)
+
+
+def test_kl_direction_is_reference_first():
+    # KL(q || p) != KL(p || q) for these two distributions; the reference q must be the first argument.
+    p, q = [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    logits = torch.tensor([[p, p]])
+    ref = torch.tensor([[q, q]])
+    log_p, log_q = log_softmax(p), log_softmax(q)
+    forward = sum(math.exp(b) * (b - a) for a, b in zip(log_p, log_q))
+    backward = sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
+    assert forward != pytest.approx(backward, rel=1e-2)
+    assert kl_to_reference(logits, ref, labels([[-100, 0]])).item() == pytest.approx(forward, rel=1e-5)
+
+
+def test_kl_shape_mismatch_raises():
+    with pytest.raises(GrinError, match="same shape"):
+        kl_to_reference(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), labels([[0, 1, 2], [0, 1, 2]]))
+
+
+# ---------------------------------------------------------------- objectives against hand computations
+
+
+def test_grad_ascent():
+    loss, logs = GradAscent(forget_weight=0.5).compute(forget_inputs())
+    assert loss.item() == pytest.approx(-0.5 * F_TOKEN_MEAN, rel=1e-6)
+    assert logs["forget_nll"] == pytest.approx(F_TOKEN_MEAN, rel=1e-6)
+
+
+def test_grad_diff():
+    loss, logs = GradDiff(forget_weight=2.0, retain_weight=3.0).compute(with_retain(forget_inputs()))
+    assert loss.item() == pytest.approx(-2.0 * F_TOKEN_MEAN + 3.0 * R_TOKEN_MEAN, rel=1e-6)
+    assert logs["retain_nll"] == pytest.approx(R_TOKEN_MEAN, rel=1e-6)
+    assert logs["loss"] == pytest.approx(loss.item())
+
+
+def test_npo_matches_formula_with_sum_reduction():
+    beta, ref = 0.5, [1.0, 4.0]
+    npo = NPO(beta=beta, retain_weight=0.0)
+    loss, logs = npo.compute(forget_inputs(ref_forget_nll=tensor(ref)))
+    expected = -2 / beta * sum(log_sigmoid(beta * (s - r)) for s, r in zip(F_SUM, ref)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert logs["forget_log_ratio"] == pytest.approx(sum(s - r for s, r in zip(F_SUM, ref)) / 2, rel=1e-6)
+
+
+def test_npo_mean_reduction_normalises_both_nlls_by_length():
+    beta, ref = 2.0, [1.0, 4.0]  # summed reference NLLs, as the trainer passes them
+    npo = NPO(beta=beta, retain_weight=0.0, nll_reduction="mean")
+    loss, _ = npo.compute(forget_inputs(ref_forget_nll=tensor(ref)))
+    lengths = [len(x) for x in F_NLL]
+    expected = -2 / beta * sum(log_sigmoid(beta * (s - r) / n) for s, r, n in zip(F_SUM, ref, lengths)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_npo_at_reference_is_two_over_beta_log_two(beta):
+    ref = sequence_nll(tensor(FORGET_LOGITS), labels(FORGET_LABELS), reduction="sum")
+    loss, _ = NPO(beta=beta, retain_weight=0.0).compute(forget_inputs(ref_forget_nll=ref))
+    assert loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+
+
+def test_npo_adds_retain_and_kl_terms():
+    ref_nll = sequence_nll(tensor(FORGET_LOGITS), labels(FORGET_LABELS), reduction="sum")
+    inputs = with_retain(forget_inputs(ref_forget_nll=ref_nll))
+    inputs.ref_retain_logits = tensor(RETAIN_LOGITS)  # identical: KL 0
+    loss, logs = NPO(retain_weight=0.5, kl_weight=3.0).compute(inputs)
+    assert loss.item() == pytest.approx(2 / 0.1 * math.log(2) + 0.5 * R_TOKEN_MEAN, rel=1e-6)
+    assert logs["retain_kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_simnpo_matches_formula():
+    beta, margin = 4.5, 0.3
+    loss, _ = SimNPO(beta=beta, margin=margin, forget_weight=1.0, retain_weight=0.0).compute(forget_inputs())
+    expected = -2 / beta * sum(log_sigmoid(beta * (m - margin)) for m in F_MEAN) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_simnpo_defaults_follow_open_unlearning():
+    simnpo = SimNPO()
+    assert (simnpo.beta, simnpo.margin, simnpo.forget_weight, simnpo.retain_weight) == (4.5, 0.0, 0.125, 1.0)
+    loss, logs = simnpo.compute(with_retain(forget_inputs()))
+    forget = -2 / 4.5 * sum(log_sigmoid(4.5 * m) for m in F_MEAN) / 2
+    assert logs["forget_term"] == pytest.approx(forget, rel=1e-6)
+    assert loss.item() == pytest.approx(0.125 * forget + R_TOKEN_MEAN, rel=1e-6)
+
+
+def test_idk_nll_uses_refusal_batch_not_forget_answers():
+    # The retain batch stands in as "refusal" data here: any batch with answers will do.
+    inputs = ObjectiveInputs(
+        refusal_logits=tensor(RETAIN_LOGITS),
+        refusal_labels=labels(RETAIN_LABELS),
+        retain_logits=tensor(FORGET_LOGITS),
+        retain_labels=labels(FORGET_LABELS),
+    )
+    loss, logs = IdkNLL(forget_weight=2.0, retain_weight=0.5).compute(inputs)
+    assert loss.item() == pytest.approx(2.0 * R_TOKEN_MEAN + 0.5 * F_TOKEN_MEAN, rel=1e-6)
+    assert logs["refusal_nll"] == pytest.approx(R_TOKEN_MEAN, rel=1e-6)
+
+
+def dpo_inputs(ref_forget: list[float], ref_refusal: list[float]) -> ObjectiveInputs:
+    # Refusal answers: the retain batch's logits and labels, padded to the forget batch's length.
+    refusal_logits = torch.cat([tensor(RETAIN_LOGITS), torch.zeros(2, 1, 3)], dim=1)
+    refusal_labels = torch.cat([labels(RETAIN_LABELS), torch.full((2, 1), -100)], dim=1)
+    return forget_inputs(
+        refusal_logits=refusal_logits,
+        refusal_labels=refusal_labels,
+        ref_forget_nll=tensor(ref_forget),
+        ref_refusal_nll=tensor(ref_refusal),
+    )
+
+
+def test_idk_dpo_matches_formula():
+    beta, ref_forget, ref_refusal = 0.5, [1.0, 2.0], [3.0, 0.5]
+    loss, logs = IdkDPO(beta=beta, retain_weight=0.0).compute(dpo_inputs(ref_forget, ref_refusal))
+    chosen = [sum(x) for x in R_NLL]
+    terms = []
+    for c, c_ref, r, r_ref in zip(chosen, ref_refusal, F_SUM, ref_forget):
+        # log pi = -NLL: chosen log-ratio minus rejected log-ratio.
+        terms.append(log_sigmoid(beta * ((-c + c_ref) - (-r + r_ref))))
+    assert loss.item() == pytest.approx(-2 / beta * sum(terms) / 2, rel=1e-6)
+    assert logs["forget_nll"] == pytest.approx(F_TOKEN_MEAN, rel=1e-6)
+
+
+def test_idk_dpo_at_reference_is_two_over_beta_log_two():
+    inputs = dpo_inputs([0.0, 0.0], [0.0, 0.0])
+    inputs.ref_forget_nll = sequence_nll(inputs.forget_logits, inputs.forget_labels, reduction="sum")
+    inputs.ref_refusal_nll = sequence_nll(inputs.refusal_logits, inputs.refusal_labels, reduction="sum")
+    loss, logs = IdkDPO(beta=0.1, retain_weight=0.0).compute(inputs)
+    assert loss.item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
+    assert logs["dpo_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_idk_dpo_rejects_unpaired_batches():
+    inputs = dpo_inputs([1.0, 2.0], [1.0, 2.0])
+    inputs.refusal_logits, inputs.refusal_labels = inputs.refusal_logits[:1], inputs.refusal_labels[:1]
+    with pytest.raises(GrinError, match="pair row by row"):
+        IdkDPO(retain_weight=0.0).compute(inputs)
+
+
+# ---------------------------------------------------------------- gradient direction
+
+
+def forget_answer_prob(logits: torch.Tensor) -> float:
+    return (-batch_nll(logits, labels(FORGET_LABELS))).exp().item()
+
+
+@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo"])
+def test_one_sgd_step_lowers_forget_answer_probability(name):
+    logits = tensor(FORGET_LOGITS, requires_grad=True)
+    before = forget_answer_prob(logits.detach())
+    inputs = dpo_inputs([0.0, 0.0], [0.0, 0.0])
+    inputs.forget_logits = logits
+    inputs.ref_forget_nll = sequence_nll(logits.detach(), inputs.forget_labels, reduction="sum")
+    inputs.ref_refusal_nll = sequence_nll(inputs.refusal_logits, inputs.refusal_labels, reduction="sum")
+    loss, _ = get_objective(name, retain_weight=0.0).compute(inputs)
+    loss.backward()
+    with torch.no_grad():
+        logits -= 0.5 * logits.grad
+    assert forget_answer_prob(logits.detach()) < before
+
+
+def test_one_sgd_step_on_idk_nll_raises_refusal_probability():
+    logits = tensor(RETAIN_LOGITS, requires_grad=True)
+    inputs = ObjectiveInputs(refusal_logits=logits, refusal_labels=labels(RETAIN_LABELS))
+    before = batch_nll(logits.detach(), labels(RETAIN_LABELS)).item()
+    IdkNLL(retain_weight=0.0).compute(inputs)[0].backward()
+    with torch.no_grad():
+        logits -= 0.5 * logits.grad
+    assert batch_nll(logits.detach(), labels(RETAIN_LABELS)).item() < before
+
+
+def test_kl_gradient_pulls_towards_reference():
+    ref = tensor(RETAIN_LOGITS)
+    logits = (ref + torch.tensor([1.0, -1.0, 0.5])).requires_grad_()
+    before = kl_to_reference(logits.detach(), ref, labels(RETAIN_LABELS)).item()
+    kl_to_reference(logits, ref, labels(RETAIN_LABELS)).backward()
+    with torch.no_grad():
+        logits -= 0.5 * logits.grad
+    assert 0 < kl_to_reference(logits.detach(), ref, labels(RETAIN_LABELS)).item() < before
+
+
+# ---------------------------------------------------------------- requirements, registry, validation
+
+
+def test_requirements_declare_only_what_is_read():
+    ga = get_objective("grad_ascent").requirements
+    assert (ga.forget, ga.retain, ga.refusal, ga.reference_forget, ga.reference_retain) == (
+        True,
+        False,
+        False,
+        False,
+        False,
+    )
+    assert get_objective("grad_ascent", kl_weight=1.0).requirements.reference_retain
+    assert get_objective("grad_diff").requirements.retain
+    assert not get_objective("grad_diff", retain_weight=0.0).requirements.retain
+    assert get_objective("npo").requirements.reference_forget
+    assert not get_objective("simnpo").requirements.reference_forget
+    idk = get_objective("idk_nll").requirements
+    assert idk.refusal and not idk.forget and not idk.reference_refusal
+    dpo = get_objective("idk_dpo").requirements
+    assert dpo.forget and dpo.refusal and dpo.reference_forget and dpo.reference_refusal
+
+
+def test_missing_inputs_are_named():
+    with pytest.raises(GrinError, match="ref_forget_nll"):
+        NPO(retain_weight=0.0).compute(forget_inputs())
+    with pytest.raises(GrinError, match="retain_logits, retain_labels"):
+        GradDiff().compute(forget_inputs())
+    with pytest.raises(GrinError, match="ref_retain_logits"):
+        GradAscent(kl_weight=1.0).compute(with_retain(forget_inputs()))
+    with pytest.raises(GrinError, match="refusal_logits"):
+        IdkNLL(retain_weight=0.0).compute(forget_inputs())
+
+
+def test_reference_nll_shape_is_checked():
+    with pytest.raises(GrinError, match=r"shape \(2,\)"):
+        NPO(retain_weight=0.0).compute(forget_inputs(ref_forget_nll=tensor([[1.0, 2.0]])))
+
+
+def test_registry_names_and_spellings():
+    assert list(OBJECTIVES) == ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_nll", "idk_dpo"]
+    for name, cls in OBJECTIVES.items():
+        assert type(get_objective(name)) is cls
+    # open-unlearning's CamelCase spellings resolve too.
+    assert type(get_objective("GradDiff")) is GradDiff
+    assert type(get_objective("SimNPO")) is SimNPO
+    assert type(get_objective("IdkDPO")) is IdkDPO
+    assert get_objective("npo", beta=0.5).beta == 0.5
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(GrinError, match="grad_ascent, grad_diff, npo, simnpo, idk_nll, idk_dpo"):
+        get_objective("rmu")
+    with pytest.raises(GrinError, match="must be a string"):
+        get_objective(None)
+
+
+def test_unknown_hyper_parameter_lists_valid_ones():
+    with pytest.raises(GrinError, match=r"no hyper-parameter gamma; valid ones: .*beta, margin"):
+        get_objective("simnpo", gamma=0.125)
+    with pytest.raises(GrinError, match="no hyper-parameter beta"):
+        get_objective("grad_diff", beta=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "match"),
+    [
+        ("npo", {"beta": 0.0}, "beta must be > 0"),
+        ("simnpo", {"beta": -1.0}, "beta must be > 0"),
+        ("idk_dpo", {"beta": float("nan")}, "beta must be a finite number"),
+        ("grad_diff", {"retain_weight": -0.1}, "retain_weight must be >= 0"),
+        ("grad_ascent", {"forget_weight": -1}, "forget_weight must be >= 0"),
+        ("idk_nll", {"kl_weight": float("inf")}, "kl_weight must be a finite number"),
+        ("npo", {"beta": True}, "beta must be a finite number"),
+        ("npo", {"beta": "0.1"}, "beta must be a finite number"),
+        ("simnpo", {"margin": float("nan")}, "margin must be a finite number"),
+        ("npo", {"nll_reduction": "max"}, "nll_reduction"),
+    ],
+)
+def test_bad_hyper_parameters_raise(name, kwargs, match):
+    with pytest.raises(GrinError, match=match):
+        get_objective(name, **kwargs)
+
+
+def test_objectives_are_immutable_and_keyword_only():
+    npo = NPO()
+    with pytest.raises(AttributeError):
+        npo.beta = 1.0
+    with pytest.raises(TypeError):
+        NPO(1.0)
+    assert "beta=0.1" in repr(npo)
