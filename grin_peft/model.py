@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import GrinConfig
-from .delta_file import PEFT_PREFIX, group_modules, read_tensors, resolve_file, validate_modules, WEIGHTS_NAME
+from .delta_file import PEFT_PREFIX, WEIGHTS_NAME, group_modules, read_tensors, resolve_file, validate_modules
 from .errors import GrinError
 from .fingerprint import architecture, fingerprint
 from .layer import GrinLayer, Linear, validate_entries
@@ -27,7 +27,7 @@ def _strip_prefix(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
-def _base_weight_of(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+def _base_weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
     """The base weight of module `name` in a raw or PEFT-wrapped model, or None if there is no such linear layer."""
     try:
         module = model.get_submodule(name)
@@ -42,8 +42,10 @@ def _base_weight_of(model: nn.Module, name: str) -> Optional[torch.Tensor]:
 def apply_fingerprint_policy(config: GrinConfig, problem: str) -> None:
     """Refuse, warn or ignore a base mismatch as the (loaded) config says."""
     if config.fingerprint_check == "error":
-        raise GrinError(f"{problem} Refusing to apply the delta; if you are sure, load the config with "
-                        "GrinConfig.from_pretrained, set fingerprint_check='warn' and pass it as config=.")
+        raise GrinError(
+            f"{problem} Refusing to apply the delta; if you are sure, load the config with "
+            "GrinConfig.from_pretrained, set fingerprint_check='warn' and pass it as config=."
+        )
     if config.fingerprint_check == "warn":
         warnings.warn(problem, stacklevel=3)
 
@@ -85,8 +87,9 @@ class GrinModel(BaseTuner):
                 config, f"The delta was made for a {config.base_model_architecture} model, this base is {arch}."
             )
         elif config.base_model_fingerprint != current:
-            apply_fingerprint_policy(config, "The base model's weights differ from those the delta was made for "
-                                     "(fingerprint mismatch).")
+            apply_fingerprint_policy(
+                config, "The base model's weights differ from those the delta was made for (fingerprint mismatch)."
+            )
         source = getattr(config, "_grin_source", None)
         if source is not None:
             path, subfolder, hub_kwargs = source
@@ -101,8 +104,11 @@ class GrinModel(BaseTuner):
                 raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
         differing = validate_modules(modules, lambda name: _base_weight_of(model, name), arch)
         if differing:
-            apply_fingerprint_policy(config, f"The base weights differ at the delta's entries in {len(differing)} "
-                                     f"module(s), e.g. {differing[0]}: the delta was made for another base.")
+            apply_fingerprint_policy(
+                config,
+                f"The base weights differ at the delta's entries in {len(differing)} "
+                f"module(s), e.g. {differing[0]}: the delta was made for another base.",
+            )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         try:
@@ -127,8 +133,10 @@ class GrinModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not _is_supported_base(base):
-            raise GrinError(f"{current_key}: GRIN adapts torch.nn.Linear and transformers Conv1D layers, not "
-                            f"{type(base).__name__}.")
+            raise GrinError(
+                f"{current_key}: GRIN adapts torch.nn.Linear and transformers Conv1D layers, not "
+                f"{type(base).__name__}."
+            )
         new_module = Linear(target, adapter_name, grin_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -142,7 +150,7 @@ class GrinModel(BaseTuner):
             self.select_entries(adapter_name, self._data_free_score(config))
 
     # ---------------------------------------------------------------- selection
-    def grin_layers(self, adapter_name: Optional[str] = None) -> dict[str, GrinLayer]:
+    def grin_layers(self, adapter_name: str | None = None) -> dict[str, GrinLayer]:
         """GRIN layers by module name (relative to the base model), optionally only those holding an adapter."""
         return {
             name: module
@@ -175,7 +183,7 @@ class GrinModel(BaseTuner):
         return selected
 
     def set_entries(
-        self, adapter_name: str, selected: dict[str, torch.Tensor], values: Optional[dict[str, torch.Tensor]] = None
+        self, adapter_name: str, selected: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None
     ) -> None:
         """Point every layer of the adapter at its selected entries, with initial values = noise (+ given values)."""
         config = self.peft_config[adapter_name]
@@ -196,13 +204,19 @@ class GrinModel(BaseTuner):
         for name, (idx, init) in plan.items():
             layers[name].set_grin_entries(adapter_name, idx, init, module_name=name)
 
-    def num_entries(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+    def localize(self, forget, retain, adapter_name: str | None = None, **kwargs: Any):
+        """Score entries on forget/retain data, select the budget, inject noise; see `grin_peft.localize.localize`."""
+        from .localize.pipeline import localize
+
+        return localize(self, forget, retain, adapter_name=adapter_name or self.active_adapters[0], **kwargs)
+
+    def num_entries(self, adapter_name: str | None = None) -> dict[str, int]:
         """Trained entries per module for an adapter (default: the active one)."""
         adapter_name = adapter_name or self.active_adapters[0]
         return {name: layer.grin_num_entries(adapter_name) for name, layer in self.grin_layers(adapter_name).items()}
 
     # ---------------------------------------------------------------- merging
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge into the base weights in two phases: validate every layer, then write; never half merged."""
         self._check_merge_allowed()
         from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -214,8 +228,13 @@ class GrinModel(BaseTuner):
         for layer, plan, names in plans:
             layer.grin_apply_merge(plan, names)
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
-                                     adapter_names: Optional[list[str]] = None):
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ):
         if merge:
             from peft.tuners.tuners_utils import check_adapters_to_merge
 
@@ -246,8 +265,9 @@ class GrinModel(BaseTuner):
             total = torch.zeros(union.numel(), dtype=torch.float32)
             for a, w in present:
                 idx = layer.grin_indices[a].long().cpu()
-                total.index_add_(0, torch.searchsorted(union, idx), float(w) * layer.grin_values[a].detach().float()
-                                 .cpu())
+                total.index_add_(
+                    0, torch.searchsorted(union, idx), float(w) * layer.grin_values[a].detach().float().cpu()
+                )
             combined_idx[module_name], combined_values[module_name] = union, total
         config = copy.deepcopy(self.peft_config[adapters[0]])
         config.density, config.num_entries = None, max(1, sum(v.numel() for v in combined_values.values()))
@@ -257,8 +277,9 @@ class GrinModel(BaseTuner):
         for module_name in combined_idx:
             layer = self.model.get_submodule(module_name)
             layer.update_layer(adapter_name, config)
-            layer.set_grin_entries(adapter_name, combined_idx[module_name], combined_values[module_name],
-                                   module_name=module_name)
+            layer.set_grin_entries(
+                adapter_name, combined_idx[module_name], combined_values[module_name], module_name=module_name
+            )
             layer.grin_values[adapter_name].requires_grad_(False)
 
     # ---------------------------------------------------------------- saving and loading
@@ -286,14 +307,17 @@ class GrinModel(BaseTuner):
             modules, _ = group_modules(state_dict)
             missing = sorted(set(layers) - set(modules))
             if missing:
-                raise GrinError(f"{missing[0]}: the delta file lacks this module's tensors (grin_indices, "
-                                "grin_values, grin_base_values).")
+                raise GrinError(
+                    f"{missing[0]}: the delta file lacks this module's tensors (grin_indices, "
+                    "grin_values, grin_base_values)."
+                )
             weight_of = lambda name: layers[name]._grin_weight() if name in layers else None  # noqa: E731
             differing = validate_modules(modules, weight_of, architecture(getattr(tuner, "model", model)))
             merged = [n for n in differing if layers[n].merged_adapters]
             if len(merged) != len(differing):
-                apply_fingerprint_policy(config, "The base weights differ at the delta's entries: the delta was "
-                                         "made for another base.")
+                apply_fingerprint_policy(
+                    config, "The base weights differ at the delta's entries: the delta was made for another base."
+                )
         except GrinError:
             cls._discard_adapter(tuner, adapter_name)
             raise
@@ -302,7 +326,7 @@ class GrinModel(BaseTuner):
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     @staticmethod
-    def _discard_adapter(tuner: "GrinModel", adapter_name: str) -> None:
+    def _discard_adapter(tuner: GrinModel, adapter_name: str) -> None:
         """Undo an injection whose weights turned out to be unusable."""
         if not isinstance(tuner, GrinModel) or adapter_name not in tuner.peft_config:
             return
