@@ -24,8 +24,15 @@ class MLP(nn.Module):
 
 
 def llama_config() -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
 
 
 def build(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -36,12 +43,21 @@ def build(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Mo
     elif kind == "llama":
         model = AutoModelForCausalLM.from_config(llama_config())
     elif kind == "gpt2":
-        model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                                            n_positions=64))
+        model = AutoModelForCausalLM.from_config(
+            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        )
     elif kind == "opt":
-        model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48,
-                                                           num_hidden_layers=2, num_attention_heads=4,
-                                                           max_position_embeddings=64, word_embed_proj_dim=32))
+        model = AutoModelForCausalLM.from_config(
+            OPTConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                ffn_dim=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
+        )
     else:
         raise ValueError(kind)
     return model.to(dtype).eval()
