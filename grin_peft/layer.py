@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from .errors import GrinError
@@ -24,8 +25,10 @@ def index_dtype(numel: int) -> torch.dtype:
 def validate_entries(module_name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
     """Refuse indices and values that would corrupt a weight, naming the module, before anything is written."""
     if indices.dim() != 1 or values.dim() != 1:
-        raise GrinError(f"{module_name}: GRIN indices and values must be 1-D, got {tuple(indices.shape)} and "
-                        f"{tuple(values.shape)}.")
+        raise GrinError(
+            f"{module_name}: GRIN indices and values must be 1-D, got {tuple(indices.shape)} and "
+            f"{tuple(values.shape)}."
+        )
     if indices.dtype not in (torch.int32, torch.int64):
         raise GrinError(f"{module_name}: GRIN indices must be int32 or int64, got {indices.dtype}.")
     if not values.dtype.is_floating_point:
@@ -36,12 +39,31 @@ def validate_entries(module_name: str, indices: torch.Tensor, values: torch.Tens
         return
     idx = indices.long()
     if int(idx.min()) < 0 or int(idx.max()) >= numel:
-        raise GrinError(f"{module_name}: GRIN index out of range [0, {numel}) (min {int(idx.min())}, "
-                        f"max {int(idx.max())}).")
+        raise GrinError(
+            f"{module_name}: GRIN index out of range [0, {numel}) (min {int(idx.min())}, max {int(idx.max())})."
+        )
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise GrinError(f"{module_name}: GRIN indices must be strictly increasing (duplicate or unsorted entries).")
     if not bool(torch.isfinite(values).all()):
         raise GrinError(f"{module_name}: GRIN values contain NaN or Inf.")
+
+
+def _bnb_state(base: nn.Module) -> Any:
+    """8-bit layers keep quantization statistics outside the weight; snapshot them with it."""
+    state = getattr(base, "state", None)
+    return None if state is None else (getattr(state, "CB", None), getattr(state, "SCB", None))
+
+
+def _restore_bnb_state(base: nn.Module, snapshot: Any) -> None:
+    if snapshot is not None:
+        base.state.CB, base.state.SCB = snapshot
+
+
+def _relative_error(merged: torch.Tensor, intended: torch.Tensor, plan: list) -> float:
+    """||merged - (base + delta)|| / ||delta|| over the whole weight: how much of the delta requantization lost."""
+    delta = torch.cat([(p[3].float() - p[2].float()) for p in plan])
+    error = (merged.float() - intended.float()).norm()
+    return float(error / delta.norm().clamp_min(1e-12))
 
 
 class GrinLayer(BaseTunerLayer):
@@ -58,12 +80,14 @@ class GrinLayer(BaseTunerLayer):
         self.grin_base_values = BufferDict(persistent=True)
         self._grin_patterns: dict[str, tuple[tuple, SparsePattern]] = {}
         self._grin_premerge: dict[str, torch.Tensor] = {}
+        self._grin_premerge_quantized: dict[str, tuple[nn.Parameter, Any]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
-        weight = base.weight
-        if getattr(base, "is_conv1d", False) or type(base).__name__ == "Conv1D":
-            self.in_features, self.out_features = weight.shape
+        # bitsandbytes 8-bit/4-bit bases: weights are read and written through PEFT's generic backend
+        self.grin_quantization = resolve_quantization_backend(base)
+        if type(base).__name__ == "Conv1D":
+            self.in_features, self.out_features = base.weight.shape
         else:
             self.in_features, self.out_features = base.in_features, base.out_features
 
@@ -73,8 +97,11 @@ class GrinLayer(BaseTunerLayer):
         return self.in_features * self.out_features
 
     def _grin_weight(self) -> torch.Tensor:
-        """The base weight as a tensor whose flat view the indices address."""
-        weight = self.get_base_layer().weight
+        """The base weight as a float tensor whose flat view the indices address (dequantized for bnb bases)."""
+        base = self.get_base_layer()
+        if self.grin_quantization is not None:
+            return self.grin_quantization.get_base_weight(base)
+        weight = base.weight
         if not weight.is_contiguous():
             raise GrinError(f"{type(self).__name__}: GRIN needs a contiguous base weight.")
         return weight
@@ -93,12 +120,13 @@ class GrinLayer(BaseTunerLayer):
         return self.grin_values[adapter_name].numel() if adapter_name in self.grin_values else 0
 
     def set_grin_entries(
-        self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None, module_name: str = ""
+        self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None, module_name: str = ""
     ) -> None:
         """Point the adapter at new entries: record the base values there and make `values` the trainable delta."""
         if adapter_name in self.merged_adapters:
-            raise GrinError(f"{module_name or type(self).__name__}: unmerge adapter '{adapter_name}' before "
-                            "changing its entries.")
+            raise GrinError(
+                f"{module_name or type(self).__name__}: unmerge adapter '{adapter_name}' before changing its entries."
+            )
         weight = self._grin_weight()
         indices = indices.to(device=weight.device)
         if values is None:
@@ -116,9 +144,7 @@ class GrinLayer(BaseTunerLayer):
     def resize_grin_entries(self, adapter_name: str, num_entries: int, base_dtype: torch.dtype) -> None:
         """Give the adapter buffers of a saved delta's sizes so PEFT's `load_state_dict` can fill them."""
         device = self._grin_weight().device
-        self.grin_indices[adapter_name] = torch.zeros(
-            num_entries, dtype=index_dtype(self.grin_numel), device=device
-        )
+        self.grin_indices[adapter_name] = torch.zeros(num_entries, dtype=index_dtype(self.grin_numel), device=device)
         self.grin_base_values[adapter_name] = torch.zeros(num_entries, dtype=base_dtype, device=device)
         requires_grad = self.grin_values[adapter_name].requires_grad
         self.grin_values[adapter_name] = nn.Parameter(
@@ -179,16 +205,31 @@ class GrinLayer(BaseTunerLayer):
             plan.append((adapter, idx, old, new))
         return plan
 
-    def grin_apply_merge(self, plan: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
-                         adapter_names: list[str]) -> None:
+    def grin_apply_merge(
+        self, plan: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]], adapter_names: list[str]
+    ) -> None:
         """Write a validated merge plan; keep the replaced values so unmerge restores them bit for bit."""
-        flat = self._grin_weight().data.view(-1)
-        for adapter, idx, old, new in plan:
-            flat[idx] = new
-            self._grin_premerge[adapter] = old
+        if self.grin_quantization is not None and plan:
+            self._grin_merge_quantized(plan)
+        else:
+            flat = self._grin_weight().data.view(-1)
+            for adapter, idx, old, new in plan:
+                flat[idx] = new
+                self._grin_premerge[adapter] = old
         self.merged_adapters.extend(a for a in adapter_names if a in self.grin_values)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def _grin_merge_quantized(self, plan: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Dequantize, add, requantize; keep the original quantized weight so unmerge is exact."""
+        base = self.get_base_layer()
+        dense = self._grin_weight().clone()
+        flat = dense.view(-1)
+        for _, idx, _, new in plan:
+            flat[idx] = new
+        self._grin_premerge_quantized[plan[0][0]] = (base.weight, _bnb_state(base))
+        self.grin_quantization.set_base_weight(self, dense)
+        self.grin_last_merge_error = _relative_error(self._grin_weight().reshape(-1), flat, plan)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas into the base weight (one rounding per entry), exactly undoable by `unmerge`."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
@@ -198,13 +239,20 @@ class GrinLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the exact values the merges replaced, most recent merge first."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         flat = self._grin_weight().data.view(-1)
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter not in self.grin_values or self.grin_values[adapter].numel() == 0:
                 continue
+            if adapter in self._grin_premerge_quantized:
+                base = self.get_base_layer()
+                base.weight, state = self._grin_premerge_quantized.pop(adapter)
+                _restore_bnb_state(base, state)
+                continue
+            if self.grin_quantization is not None:
+                continue  # merged together with an earlier adapter: restored with it
             idx = self.grin_indices[adapter].long()
             old = self._grin_premerge.pop(adapter, None)
             if old is None:  # merged before this object existed: subtract (exact only up to rounding)
@@ -220,6 +268,8 @@ class GrinLayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.grin_quantization is not None:
+            result = self.grin_quantization.maybe_clone_base_result(result)
         for adapter in self.active_adapters:
             if adapter not in self.grin_values:
                 continue

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from .config import GrinConfig
@@ -35,6 +36,9 @@ def _base_weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
         return None
     if isinstance(module, BaseTunerLayer):
         module = module.get_base_layer()
+    backend = resolve_quantization_backend(module)
+    if backend is not None:
+        return backend.get_base_weight(module)
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
@@ -161,7 +165,7 @@ class GrinModel(BaseTuner):
     def _data_free_score(self, config: GrinConfig):
         layers = self.grin_layers()
         if config.score == "magnitude":
-            return lambda name: layers[name].get_base_layer().weight.detach().abs()
+            return lambda name: layers[name]._grin_weight().detach().abs()
         return lambda name: torch.rand(
             layers[name].grin_numel, generator=module_generator(config.seed, name, "select")
         )
@@ -194,7 +198,7 @@ class GrinModel(BaseTuner):
         plan = {}
         for name, layer in layers.items():
             idx = selected.get(name, torch.zeros(0, dtype=torch.long)).long()
-            weight = layer.get_base_layer().weight
+            weight = layer._grin_weight()
             init = values[name].float().cpu() if values and name in values else torch.zeros(idx.numel())
             if not config.init_weights:
                 init = init + torch.randn(idx.numel(), generator=module_generator(config.seed, name, "init"))
