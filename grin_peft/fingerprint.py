@@ -16,11 +16,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .bnb_layout import canonical_4bit_layout
+
 SAMPLES_PER_TENSOR = 4096
 
 
 def base_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters of the base model under their original names, looking through PEFT wrappers."""
+    canonical_4bit_layout(model)
     for name, param in model.named_parameters(recurse=False):
         yield prefix + name, param
     for name, param in model.named_buffers(recurse=False):
@@ -42,9 +45,7 @@ def sample_positions(numel: int) -> torch.Tensor:
     return torch.linspace(0, numel - 1, SAMPLES_PER_TENSOR).round().long()
 
 
-def fingerprint(
-    model: nn.Module, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-) -> str:
+def fingerprint(model: nn.Module, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> str:
     """sha256 over the sampled base weights; `overrides` (name -> sorted flat indices, values) substitutes entries,
     which lets `revert` fingerprint the base that a merged model would become."""
     overrides = overrides or {}

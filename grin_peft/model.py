@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
+from .bnb_layout import canonical_4bit_layout
 from .config import GrinConfig
 from .delta_file import PEFT_PREFIX, WEIGHTS_NAME, group_modules, read_tensors, resolve_file, validate_modules
 from .errors import GrinError
@@ -38,6 +39,7 @@ def _base_weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
         module = module.get_base_layer()
     backend = resolve_quantization_backend(module)
     if backend is not None:
+        canonical_4bit_layout(module)
         return backend.get_base_weight(module)
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
