@@ -148,26 +148,36 @@ def validate_modules(
     modules: dict[str, ModuleDelta],
     weight_of: Callable[[str], torch.Tensor | None],
     describe_base: str,
+    approximate: Callable[[str], bool] = lambda name: False,
 ) -> list[str]:
     """Check every module's delta against the base weights; returns the modules whose base values differ.
 
     Structural problems (unknown module, bad indices, NaN values, wrong dtypes) raise GrinError; differing base
-    values are returned so the caller can apply the fingerprint policy.
+    values are returned so the caller can apply the fingerprint policy. Modules for which `approximate` is true
+    (dequantized bitsandbytes weights, whose float values depend on bnb's layout) skip the exact value checks.
     """
     differing = []
     for name, delta in modules.items():
         weight = weight_of(name)
         if weight is None:
-            raise GrinError(f"{name}: the delta adapts a module this base model ({describe_base}) does not have; "
-                            "it was made for another architecture.")
+            raise GrinError(
+                f"{name}: the delta adapts a module this base model ({describe_base}) does not have; "
+                "it was made for another architecture."
+            )
         validate_entries(name, delta.indices, delta.values, weight.numel())
         base = delta.base_values
         if base.dim() != 1 or base.numel() != delta.indices.numel() or not base.dtype.is_floating_point:
-            raise GrinError(f"{name}: grin_base_values must be a 1-D float tensor with one value per index, got "
-                            f"{base.dtype} {tuple(base.shape)}.")
+            raise GrinError(
+                f"{name}: grin_base_values must be a 1-D float tensor with one value per index, got "
+                f"{base.dtype} {tuple(base.shape)}."
+            )
+        if approximate(name):
+            continue
         if weight.dtype.is_floating_point and not torch.equal(base.to(weight.dtype).to(base.dtype), base):
-            raise GrinError(f"{name}: grin_base_values are not representable in the base weight's dtype "
-                            f"{weight.dtype}; the delta was made for a base of another dtype.")
+            raise GrinError(
+                f"{name}: grin_base_values are not representable in the base weight's dtype "
+                f"{weight.dtype}; the delta was made for a base of another dtype."
+            )
         if weight.dtype.is_floating_point and delta.indices.numel():
             current = weight.detach().reshape(-1)[delta.indices.long().to(weight.device)].cpu()
             if not torch.equal(current, base.to(weight.dtype)):

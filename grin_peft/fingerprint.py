@@ -16,16 +16,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .bnb_layout import canonical_4bit_layout
+from .bnb_layout import canonical_4bit
 
 SAMPLES_PER_TENSOR = 4096
 
 
 def base_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters of the base model under their original names, looking through PEFT wrappers."""
-    canonical_4bit_layout(model)
     for name, param in model.named_parameters(recurse=False):
-        yield prefix + name, param
+        canonical = canonical_4bit(param)
+        yield prefix + name, param if canonical is None else canonical[0]
     for name, param in model.named_buffers(recurse=False):
         if name not in model._non_persistent_buffers_set:
             yield prefix + name, param

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from .bnb_layout import canonical_4bit_layout
+from .bnb_layout import dequantize
 from .errors import GrinError
 from .sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
 
@@ -101,8 +101,7 @@ class GrinLayer(BaseTunerLayer):
         """The base weight as a float tensor whose flat view the indices address (dequantized for bnb bases)."""
         base = self.get_base_layer()
         if self.grin_quantization is not None:
-            canonical_4bit_layout(base)
-            return self.grin_quantization.get_base_weight(base)
+            return dequantize(base, self.grin_quantization)
         weight = base.weight
         if not weight.is_contiguous():
             raise GrinError(f"{type(self).__name__}: GRIN needs a contiguous base weight.")

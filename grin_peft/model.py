@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
-from .bnb_layout import canonical_4bit_layout
+from .bnb_layout import dequantize
 from .config import GrinConfig
 from .delta_file import PEFT_PREFIX, WEIGHTS_NAME, group_modules, read_tensors, resolve_file, validate_modules
 from .errors import GrinError
@@ -39,10 +39,16 @@ def _base_weight_of(model: nn.Module, name: str) -> torch.Tensor | None:
         module = module.get_base_layer()
     backend = resolve_quantization_backend(module)
     if backend is not None:
-        canonical_4bit_layout(module)
-        return backend.get_base_weight(module)
+        return dequantize(module, backend)
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _is_quantized(model: nn.Module, name: str) -> bool:
+    module = model.get_submodule(name)
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return resolve_quantization_backend(module) is not None
 
 
 def apply_fingerprint_policy(config: GrinConfig, problem: str) -> None:
@@ -108,7 +114,9 @@ class GrinModel(BaseTuner):
         for key, tensor in others.items():
             if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
                 raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
-        differing = validate_modules(modules, lambda name: _base_weight_of(model, name), arch)
+        differing = validate_modules(
+            modules, lambda name: _base_weight_of(model, name), arch, lambda name: _is_quantized(model, name)
+        )
         if differing:
             apply_fingerprint_policy(
                 config,
@@ -318,7 +326,12 @@ class GrinModel(BaseTuner):
                     "grin_values, grin_base_values)."
                 )
             weight_of = lambda name: layers[name]._grin_weight() if name in layers else None  # noqa: E731
-            differing = validate_modules(modules, weight_of, architecture(getattr(tuner, "model", model)))
+            differing = validate_modules(
+                modules,
+                weight_of,
+                architecture(getattr(tuner, "model", model)),
+                lambda name: layers[name].grin_quantization is not None,
+            )
             merged = [n for n in differing if layers[n].merged_adapters]
             if len(merged) != len(differing):
                 apply_fingerprint_policy(
