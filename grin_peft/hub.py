@@ -48,12 +48,17 @@ def update_model_card(peft_model, output_dir: str) -> None:
     if not card.data.get("base_model"):  # a model built from a config has no Hub id to point at
         card.data.pop("base_model", None)
         card.data["tags"] = [t for t in card.data["tags"] if t != "base_model:adapter:"]
-    facts = describe_adapter(peft_model, peft_model.active_adapter if peft_model.active_adapter in grin_adapters
-                             else grin_adapters[0])
+    facts = describe_adapter(
+        peft_model, peft_model.active_adapter if peft_model.active_adapter in grin_adapters else grin_adapters[0]
+    )
     card.data["grin"] = {k: v for k, v in facts.items() if v is not None}
-    lines = [CARD_HEADING, "",
-             "A sparse delta made with [grin_peft](https://github.com/) (GRIN: gradient-ratio localisation, noise "
-             "injection and training of the selected entries only).", ""]
+    lines = [
+        CARD_HEADING,
+        "",
+        "A sparse delta made with [grin_peft](https://github.com/) (GRIN: gradient-ratio localisation, noise "
+        "injection and training of the selected entries only).",
+        "",
+    ]
     if facts["forget_description"]:
         lines += [f"**What it makes the model forget:** {facts['forget_description']}", ""]
     lines += [
@@ -70,6 +75,44 @@ def update_model_card(peft_model, output_dir: str) -> None:
         text = text[: text.index(CARD_HEADING)].rstrip() + "\n"
     card.text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     card.save(filename)
+
+
+def push_delta_to_hub(
+    peft_model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    **save_kwargs,
+):
+    """Save the delta (with GRIN's model card) to a temporary folder and upload it as one commit.
+
+    transformers' push_to_hub would overwrite the README with its own generic card after saving; GRIN deltas keep
+    theirs, because the card is how people find out what a delta forgets.
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        peft_model.save_pretrained(work_dir, **save_kwargs)
+        if tags:
+            card = ModelCard.load(os.path.join(work_dir, "README.md"))
+            card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
+            card.save(os.path.join(work_dir, "README.md"))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or "Upload GRIN unlearning delta",
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def install() -> None:
@@ -89,4 +132,15 @@ def install() -> None:
         update_model_card(self, output_dir)
 
     peft_model_module.PeftModel.create_or_update_model_card = create_or_update_model_card
+    original_push = peft_model_module.PeftModel.push_to_hub
+
+    @functools.wraps(original_push)
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        if args or not any(isinstance(cfg, GrinConfig) for cfg in self.peft_config.values()):
+            return original_push(self, repo_id, *args, **kwargs)
+        for unsupported in ("use_temp_dir", "max_shard_size", "safe_serialization"):
+            kwargs.pop(unsupported, None)
+        return push_delta_to_hub(self, repo_id, **kwargs)
+
+    peft_model_module.PeftModel.push_to_hub = push_to_hub
     peft_model_module._grin_installed = True

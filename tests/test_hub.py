@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from huggingface_hub import ModelCard, hf_hub_download
 from hub_server import unique_repo_id
+from huggingface_hub import ModelCard, hf_hub_download
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import build, example_input, output, state
@@ -14,7 +14,7 @@ from grin_peft import GrinConfig
 
 
 def test_push_to_hub_then_load_by_repo_id_gives_the_same_delta(hub):
-    repo_id = f"{hub.user}/{unique_repo_id('grin-delta')}"
+    repo_id = unique_repo_id("grin-delta")
     config = GrinConfig(
         target_modules="all-linear",
         density=0.05,
@@ -40,7 +40,7 @@ def test_push_to_hub_then_load_by_repo_id_gives_the_same_delta(hub):
 
 
 def test_model_card_describes_the_delta(hub):
-    repo_id = f"{hub.user}/{unique_repo_id('grin-card')}"
+    repo_id = unique_repo_id("grin-card")
     model = get_peft_model(
         build("llama"), GrinConfig(density=0.05, score="random", forget_description="author biographies")
     )
@@ -54,7 +54,7 @@ def test_model_card_describes_the_delta(hub):
 
 
 def test_revert_by_repo_id_after_merge(hub):
-    repo_id = f"{hub.user}/{unique_repo_id('grin-revert')}"
+    repo_id = unique_repo_id("grin-revert")
     original = state(build("llama", torch.bfloat16))
     model = get_peft_model(
         build("llama", torch.bfloat16), GrinConfig(density=0.05, score="random", init_weights=False)
