@@ -1,0 +1,312 @@
+"""`grin-peft`: unlearn, merge, revert, evaluate and demo from the command line.
+
+Every failure is one line on stderr and a non-zero exit; outputs are written to a temporary sibling directory
+and moved into place only when complete, so a failed run leaves nothing partial behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import GrinError
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+EPILOG = """examples:
+  grin-peft demo
+  grin-peft unlearn --model ./my-model --forget forget.jsonl --retain retain.jsonl --output delta/
+  grin-peft merge --model ./my-model --delta delta/ --output merged/
+  grin-peft revert --model merged/ --delta delta/ --output restored/
+  grin-peft eval --model ./my-model --delta delta/ --data forget.jsonl --json scores.json
+
+Data files are JSON Lines with one {"question": ..., "answer": ...} object per line (TOFU's field names), or a
+Hub dataset id. Models are local directories or Hub ids.
+"""
+
+
+def _fail(message: str) -> GrinError:
+    return GrinError(message)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[Path]:
+    """A temporary directory beside `path` that becomes `path` only if the block succeeds."""
+    target = Path(path)
+    if target.exists() and (target.is_file() or any(target.iterdir())):
+        raise _fail(f"output {target} already exists and is not empty; choose another --output.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield work
+        if target.exists():
+            target.rmdir()
+        os.replace(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_items(source: str, what: str) -> list[dict[str, Any]]:
+    """QA items from a JSON Lines file or a Hub dataset id; refuses empty sets before any model is loaded."""
+    from .data import load_qa_jsonl
+
+    if os.path.exists(source) or source.endswith((".jsonl", ".json")):
+        if not os.path.isfile(source):
+            raise _fail(f"{what} file {source} does not exist.")
+        items = load_qa_jsonl(source)
+    else:
+        items = _hub_items(source, what)
+    if not items:
+        raise _fail(f"{what} set {source} is empty.")
+    return items
+
+
+def _hub_items(repo_id: str, what: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise _fail(
+            f"{what}: {repo_id} is not a file, and loading Hub datasets needs `pip install datasets`."
+        ) from None
+    try:
+        return [dict(row) for row in datasets.load_dataset(repo_id, split="train")]
+    except Exception as exc:
+        raise _fail(f"{what}: cannot load dataset {repo_id}: {exc}") from exc
+
+
+def _load_model(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:
+        raise _fail(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from .config import GrinConfig
+    from .pipeline import unlearn
+
+    forget = _read_items(args.forget, "forget")
+    retain = _read_items(args.retain, "retain") if args.retain else None
+    refusals = (
+        [line.strip() for line in Path(args.refusals).read_text().splitlines() if line.strip()]
+        if (args.refusals)
+        else None
+    )
+    config = GrinConfig(
+        target_modules=args.target_modules,
+        density=args.density,
+        score=args.score,
+        seed=args.seed,
+        noise_std=args.noise_std,
+        forget_description=args.forget_description,
+    )
+    model, tokenizer = _load_model(args.model)
+    with _atomic_output(args.output) as work:
+        result = unlearn(
+            model,
+            forget,
+            retain,
+            config=config,
+            objective=args.objective,
+            tokenizer=tokenizer,
+            refusals=refusals,
+            learning_rate=args.lr,
+            num_train_epochs=args.epochs,
+            seed=args.seed,
+            per_device_train_batch_size=args.batch_size,
+        )
+        result.peft_model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        if result.localization is not None:
+            result.localization.to_json(work / "localization.json")
+        summary = {
+            "trainable_entries": result.trainable_entries,
+            "wall_time": result.wall_time,
+            "eval": result.eval_metrics,
+        }
+        (work / "unlearn_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"delta written to {args.output} ({result.trainable_entries:,} trainable entries, {result.wall_time:.1f}s)")
+    if result.eval_metrics:
+        print(json.dumps(result.eval_metrics, indent=2))
+    if args.push_to_hub:
+        result.peft_model.push_to_hub(args.push_to_hub)
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from peft import PeftModel
+
+    model, tokenizer = _load_model(args.model)
+    peft_model = PeftModel.from_pretrained(model, args.delta)
+    with _atomic_output(args.output) as work:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+    print(
+        f"merged model written to {args.output}; undo with: grin-peft revert --model {args.output} "
+        f"--delta {args.delta} --output <dir>"
+    )
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    from .revert import revert
+
+    model, tokenizer = _load_model(args.model)
+    revert(model, args.delta, force=args.force)
+    with _atomic_output(args.output) as work:
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+    print(f"reverted model written to {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .metrics import evaluate_qa
+
+    items = _read_items(args.data, "data")
+    model, tokenizer = _load_model(args.model)
+    if args.delta:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.delta)
+    result = evaluate_qa(
+        model,
+        tokenizer,
+        items,
+        truth_ratio_form=args.truth_ratio_form,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    print("| metric | value |\n|---|---|")
+    for key, value in result["summary"].items():
+        print(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print(f"per-item results written to {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_report, run_demo
+
+    demo = run_demo(
+        output_dir=args.output,
+        cache_dir=args.cache_dir,
+        density=args.density,
+        objective=args.objective,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(format_report(demo))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, kept separate so the docs and tests can inspect it."""
+    from .demo import DEFAULTS
+
+    parser = argparse.ArgumentParser(
+        prog="grin-peft",
+        description="GRIN unlearning: localise the weights that hold what must be forgotten, train a sparse delta "
+        "there, and share, merge or revert it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "unlearn",
+        help="make a model forget a data set; writes a GRIN delta",
+        description="Localise with gradient ratios, inject noise, train the sparse delta.",
+    )
+    p.add_argument("--model", required=True, help="base model directory or Hub id")
+    p.add_argument("--forget", required=True, help="JSON Lines file (question/answer) or Hub dataset id to forget")
+    p.add_argument("--retain", help="JSON Lines file or Hub dataset id to keep (needed by most objectives)")
+    p.add_argument("--output", required=True, help="new directory for the delta (must not exist or be empty)")
+    p.add_argument(
+        "--objective", default="npo", help="grad_ascent, grad_diff, npo (default), simnpo, idk_nll, idk_dpo"
+    )
+    p.add_argument("--refusals", help="text file of refusal answers, one per line (idk_nll, idk_dpo)")
+    p.add_argument("--density", type=float, default=1e-3, help="fraction of targeted entries to train (1e-3)")
+    p.add_argument("--score", default="gradient_ratio", help="entry score (gradient_ratio, random, magnitude, ...)")
+    p.add_argument("--target-modules", default="all-linear", help="modules to adapt (default all-linear)")
+    p.add_argument("--noise-std", type=float, default=0.1, help="injected noise, times each tensor's std (0.1)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the delta (1e-2)")
+    p.add_argument("--epochs", type=float, default=10, help="passes over the forget set (10)")
+    p.add_argument("--batch-size", type=int, default=8, help="forget (and retain) examples per step (8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forget-description", help="what is forgotten, for the model card")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("merge", help="merge a delta into its base model for deployment")
+    p.add_argument("--model", required=True, help="base model directory or Hub id")
+    p.add_argument("--delta", required=True, help="delta directory or Hub repo id")
+    p.add_argument("--output", required=True, help="new directory for the merged model")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("revert", help="undo a merge exactly (bit for bit)")
+    p.add_argument("--model", required=True, help="merged model directory or Hub id")
+    p.add_argument("--delta", required=True, help="the delta that was merged (directory or Hub repo id)")
+    p.add_argument("--output", required=True, help="new directory for the restored model")
+    p.add_argument("--force", action="store_true", help="revert even if the model does not contain the delta")
+    p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("eval", help="answer probability, ROUGE-L, truth ratio and more on a QA set")
+    p.add_argument("--model", required=True, help="model directory or Hub id")
+    p.add_argument("--delta", help="optional GRIN delta to apply")
+    p.add_argument("--data", required=True, help="JSON Lines file (question/answer[/perturbed_answer]) or Hub id")
+    p.add_argument("--truth-ratio-form", choices=("forget", "retain"), default="retain")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="also write every per-item number here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the whole pipeline on invented data, offline, in a few minutes on a CPU")
+    p.add_argument("--output", default="runs/demo", help="where the delta and reports go (runs/demo)")
+    p.add_argument("--cache-dir", help="where the memorised tiny model is cached (~/.cache/grin_peft/demo)")
+    p.add_argument("--density", type=float, default=DEFAULTS["density"])
+    p.add_argument("--objective", default=DEFAULTS["objective"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `grin-peft`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GrinError as exc:
+        print(f"grin-peft {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (OSError, ValueError) as exc:
+        print(
+            f"grin-peft {args.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"grin-peft {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
