@@ -1,0 +1,145 @@
+"""`grin-peft` on the command line: useful output on good input, one clear line and nothing written on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grin_peft.cli import main
+from grin_peft.synthetic import generate_dataset, write_jsonl
+from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = generate_dataset(num_people=6, questions_per_person=3, forget_fraction=0.34, seed=0)
+    tokenizer = train_tokenizer([f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.train], 400)
+    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl(data.forget, root / "forget.jsonl")
+    write_jsonl(data.retain, root / "retain.jsonl")
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_unlearn_merge_revert_round_trip(workspace, capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "unlearn",
+        "--model",
+        workspace / "model",
+        "--forget",
+        workspace / "forget.jsonl",
+        "--retain",
+        workspace / "retain.jsonl",
+        "--output",
+        tmp_path / "delta",
+        "--density",
+        "0.05",
+        "--epochs",
+        "1",
+        "--objective",
+        "grad_diff",
+    )
+    assert code == 0, err
+    assert "delta written" in out
+    assert (tmp_path / "delta" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "delta" / "localization.json").exists()
+
+    code, out, err = run(
+        capsys, "merge", "--model", workspace / "model", "--delta", tmp_path / "delta", "--output", tmp_path / "merged"
+    )
+    assert code == 0, err
+    code, out, err = run(
+        capsys,
+        "revert",
+        "--model",
+        tmp_path / "merged",
+        "--delta",
+        tmp_path / "delta",
+        "--output",
+        tmp_path / "restored",
+    )
+    assert code == 0, err
+    original = load_file(workspace / "model" / "model.safetensors")
+    restored = load_file(tmp_path / "restored" / "model.safetensors")
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+
+
+def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        workspace / "model",
+        "--data",
+        workspace / "forget.jsonl",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        tmp_path / "scores.json",
+    )
+    assert code == 0, err
+    assert "| probability |" in out
+    assert "summary" in json.loads((tmp_path / "scores.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv", "message"),
+    [
+        (None, ["--forget", "missing.jsonl"], "does not exist"),
+        ("malformed", ["--forget", "{bad}"], "line 2"),
+        ("empty", ["--forget", "{bad}"], "no records"),
+        (None, ["--model", "{nomodel}"], "cannot load model"),
+    ],
+)
+def test_unlearn_bad_input_is_one_line_and_writes_nothing(workspace, capsys, tmp_path, setup, argv, message):
+    bad = tmp_path / "bad.jsonl"
+    if setup == "malformed":
+        bad.write_text('{"question": "q", "answer": "a"}\n{"question": oops}\n')
+    elif setup == "empty":
+        bad.write_text("")
+    args = {
+        "--model": str(workspace / "model"),
+        "--forget": str(workspace / "forget.jsonl"),
+        "--retain": str(workspace / "retain.jsonl"),
+        "--output": str(tmp_path / "out"),
+    }
+    for key, value in zip(argv[::2], argv[1::2]):
+        args[key] = value.format(bad=bad, nomodel=tmp_path / "no-such-model")
+    code, out, err = run(capsys, "unlearn", *[x for pair in args.items() for x in pair])
+    assert code != 0
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_refuses_to_overwrite_a_non_empty_output(workspace, capsys, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, _, err = run(
+        capsys, "merge", "--model", workspace / "model", "--delta", workspace / "nodelta", "--output", tmp_path / "out"
+    )
+    assert code != 0
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_installed_entry_point_teaches_with_help():
+    result = subprocess.run([sys.executable, "-m", "grin_peft.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("unlearn", "merge", "revert", "eval", "demo"):
+        assert command in result.stdout
+    assert "examples:" in result.stdout
