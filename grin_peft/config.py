@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -43,7 +43,7 @@ class GrinConfig(PeftConfig):
     scale and budget are not public: each is a field here with a documented default, never a claim about the paper.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -52,16 +52,16 @@ class GrinConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex to leave alone even if target_modules matches them."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt these layer indices (as in LoRA). Default: all layers."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer stack for layers_to_transform, e.g. 'layers' or 'h'."}
     )
-    density: Optional[float] = field(
+    density: float | None = field(
         default=None,
         metadata={
             "help": (
@@ -70,7 +70,7 @@ class GrinConfig(PeftConfig):
             )
         },
     )
-    num_entries: Optional[int] = field(
+    num_entries: int | None = field(
         default=None,
         metadata={"help": "Absolute budget of trained entries over all targeted weights; exclusive with density."},
     )
@@ -165,17 +165,17 @@ class GrinConfig(PeftConfig):
         default=False,
         metadata={"help": "True when the weight is stored (in, out), like GPT-2's Conv1D; set automatically for it."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules trained in full and saved with the adapter (PEFT semantics)."}
     )
-    forget_description: Optional[str] = field(
+    forget_description: str | None = field(
         default=None, metadata={"help": "What this delta makes the model forget; written into the model card."}
     )
-    base_model_fingerprint: Optional[str] = field(
+    base_model_fingerprint: str | None = field(
         default=None,
         metadata={"help": "Set automatically: fingerprint of the base weights the delta was made for."},
     )
-    base_model_architecture: Optional[str] = field(
+    base_model_architecture: str | None = field(
         default=None, metadata={"help": "Set automatically: model_type and class of the base model."}
     )
     fingerprint_check: Literal["error", "warn", "off"] = field(
@@ -264,10 +264,12 @@ class GrinConfig(PeftConfig):
         output = {k: sorted(v) if isinstance(v, set) else v for k, v in self.to_dict().items()}
         if kwargs.get("auto_mapping_dict") is not None:
             output["auto_mapping"] = kwargs["auto_mapping_dict"]
-        atomic_write_text(json.dumps(output, indent=2, sort_keys=True), os.path.join(save_directory, "adapter_config.json"))
+        atomic_write_text(
+            json.dumps(output, indent=2, sort_keys=True), os.path.join(save_directory, "adapter_config.json")
+        )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load a saved config and remember where it came from, so the delta file can be checked before injection."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -19,7 +17,7 @@ def revert(
     merged_model: nn.Module,
     path_or_repo_id: str,
     *,
-    subfolder: Optional[str] = None,
+    subfolder: str | None = None,
     force: bool = False,
     **hub_kwargs,
 ) -> nn.Module:
@@ -50,8 +48,10 @@ def revert(
             raise GrinError(f"{name}: the delta adapts a module this model ({arch}) does not have.") from None
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
-            raise GrinError(f"{name}: no floating-point weight to revert (quantized bases cannot be reverted "
-                            "exactly; revert a full-precision copy).")
+            raise GrinError(
+                f"{name}: no floating-point weight to revert (quantized bases cannot be reverted "
+                "exactly; revert a full-precision copy)."
+            )
         validate_entries(name, delta.indices, delta.values, weight.numel())
         if delta.base_values.numel() != delta.indices.numel() or not delta.base_values.dtype.is_floating_point:
             raise GrinError(f"{name}: grin_base_values must be floats, one per index.")
@@ -62,15 +62,19 @@ def revert(
         current = weight.detach().reshape(-1)[idx.to(weight.device)].cpu()
         expected = (base.float() + delta.values.float()).to(weight.dtype)
         if not force and not torch.equal(current, expected):
-            raise GrinError(f"{name}: the model does not contain this delta merged (already reverted, merged with "
-                            "other deltas on the same entries, or a different delta). Pass force=True to overwrite "
-                            "anyway.")
+            raise GrinError(
+                f"{name}: the model does not contain this delta merged (already reverted, merged with "
+                "other deltas on the same entries, or a different delta). Pass force=True to overwrite "
+                "anyway."
+            )
         writes.append((weight, idx, base))
         overrides[f"{name}.weight"] = (idx, base)
     if config.base_model_fingerprint and not force:
         if fingerprint(merged_model, overrides) != config.base_model_fingerprint:
-            raise GrinError("after revert the model would not match the base the delta was made for (fingerprint "
-                            "mismatch). Pass force=True to revert anyway.")
+            raise GrinError(
+                "after revert the model would not match the base the delta was made for (fingerprint "
+                "mismatch). Pass force=True to revert anyway."
+            )
     with torch.no_grad():
         for weight, idx, base in writes:
             weight.data.view(-1)[idx.to(weight.device)] = base.to(weight.device)
