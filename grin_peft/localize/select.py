@@ -60,9 +60,7 @@ def check_finite(name: str, scores: torch.Tensor) -> None:
         raise GrinError(f"{name}: scores contain NaN or Inf (non-finite gradients?).")
 
 
-def select_global(
-    names: Iterable[str], score_fn: Callable[[str], torch.Tensor], k: int
-) -> dict[str, torch.Tensor]:
+def select_global(names: Iterable[str], score_fn: Callable[[str], torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """One ranking over all modules' entries, streamed module by module.
 
     Extra memory is bounded by 2k candidates (score, module, index) plus one module's scores at a time, never all
@@ -84,9 +82,7 @@ def select_global(
             order = torch.sort(pool_scores, descending=True, stable=True).indices[:k]
             order = torch.sort(order).values
             pool_scores, pool_module, pool_index = pool_scores[order], pool_module[order], pool_index[order]
-    return {
-        name: torch.sort(pool_index[pool_module == module_id]).values for module_id, name in enumerate(names)
-    }
+    return {name: torch.sort(pool_index[pool_module == module_id]).values for module_id, name in enumerate(names)}
 
 
 def select_per_module(
