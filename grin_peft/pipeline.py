@@ -1,0 +1,231 @@
+"""`unlearn`: GRIN in one call — wrap the model, localise the delta on forget/retain data, train it, report.
+
+Each step is also available on its own (``peft.get_peft_model`` with a :class:`~grin_peft.config.GrinConfig`,
+``model.localize``, :class:`~grin_peft.trainer.UnlearningTrainer`); this module only chains them with documented
+defaults and times them, so a first experiment is three lines and a tuned one changes only arguments.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from .config import GrinConfig
+from .data import QAFormat, as_format
+from .errors import GrinError
+from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals, encode_dataset
+
+__all__ = ["UnlearnResult", "unlearn"]
+
+
+@dataclass
+class UnlearnResult:
+    """What :func:`unlearn` did.
+
+    ``peft_model`` is the trained model (the best checkpoint's delta when ``load_best_model_at_end``);
+    ``localization`` the :class:`~grin_peft.localize.report.LocalizationReport` (None when the entries were chosen
+    without data: ``score='random'``/``'magnitude'``, or a model that already had its entries); ``train_metrics``
+    `Trainer.train`'s metrics and ``log_history`` every log (training losses with the objective's parts, evaluations);
+    ``eval_metrics`` a final :meth:`UnlearningTrainer.evaluate` (None without retain data); ``trainable_entries`` the
+    number of trained weight entries; ``wall_time`` seconds for the whole call and ``timings`` per stage.
+    """
+
+    peft_model: PeftModel
+    localization: Any
+    train_metrics: dict[str, float]
+    log_history: list[dict[str, float]]
+    trainable_entries: int
+    wall_time: float
+    timings: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] | None = None
+    trainer: UnlearningTrainer | None = field(default=None, repr=False)
+
+
+def unlearn(
+    model: nn.Module,
+    forget: Any,
+    retain: Any = None,
+    config: GrinConfig | None = None,
+    objective: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | QAFormat | None = None,
+    training_args: UnlearningArguments | None = None,
+    output_dir: str | None = None,
+    localize_kwargs: Mapping[str, Any] | None = None,
+    *,
+    refusals: Sequence[str] | None = None,
+    eval_forget: Any = None,
+    eval_retain: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
+    **kw: Any,
+) -> UnlearnResult:
+    """Make ``model`` forget ``forget`` while keeping ``retain``, by training a sparse GRIN delta.
+
+    1. Wrap: a base model gets ``get_peft_model(model, config or GrinConfig())`` (the model is modified in place, as
+       PEFT does; pass a copy to keep the original). A `PeftModel` whose active adapter is GRIN is used as it is.
+    2. Localise: when ``config.score`` needs data (the default ``'gradient_ratio'``, and every score but
+       ``'random'``/``'magnitude'``) and the adapter has no entries yet, ``model.localize(forget, retain,
+       tokenizer=tokenizer, **localize_kwargs)`` scores entries, selects the budget and injects the noise.
+    3. Train: :class:`~grin_peft.trainer.UnlearningTrainer` trains only the delta's values; with retain data a
+       final evaluation reports forget/retain answer probability.
+
+    Args:
+        model: a causal LM (`transformers` model or any module PEFT can wrap), or a GRIN `PeftModel`.
+        forget, retain: lists (or `datasets.Dataset`) of ``{"question", "answer"}`` items (need ``tokenizer``) or of
+            encoded examples (``input_ids``/``labels``). ``retain`` may be None only for objectives without a
+            retain term and scores that do not read it.
+        config: the GRIN configuration for a base model; default ``GrinConfig()`` (gradient-ratio score, density
+            1e-3, see its fields). Not allowed with a `PeftModel`, which already has its config.
+        objective: the unlearning objective's name (default ``"npo"``: bounded, reference-anchored, the field's
+            standard); with ``training_args`` it must agree with ``training_args.objective``.
+        tokenizer: a tokenizer or a :class:`~grin_peft.data.QAFormat`, to encode raw items (chat template when the
+            tokenizer has one) and for checkpoints.
+        training_args: full control over training. Without it, :class:`~grin_peft.trainer.UnlearningArguments`
+            are built from ``output_dir`` and ``**kw`` (any of its fields: ``learning_rate``, ``num_train_epochs``,
+            ``beta``, ``retain_weight``, ``num_threads``, ...) on top of its defaults (lr 1e-2, 10 epochs, batch 8).
+        output_dir: where checkpoints and the final adapter go. None (default) keeps everything in memory: no
+            checkpoint is written (``save_strategy="no"``) and a temporary directory holds Trainer's scratch files.
+        localize_kwargs: extra arguments of ``model.localize`` (``batch_size``, ``max_batches``, ``progress``, ...).
+        refusals: refusal answers for ``idk_nll``/``idk_dpo`` (e.g. :func:`grin_peft.data.load_tofu_idk`).
+        eval_forget, eval_retain: what evaluation scores; default the training sets.
+        callbacks: `transformers` trainer callbacks.
+
+    Raises:
+        GrinError: on conflicting or invalid arguments and bad data, before any weight changes.
+    """
+    started = time.perf_counter()
+    training_args, scratch = _training_args(training_args, objective, output_dir, kw)
+    try:
+        # Everything that can be refused is checked before the model is touched.
+        if localize_kwargs is not None and not isinstance(localize_kwargs, Mapping):
+            raise GrinError(f"localize_kwargs must be a dict, got {type(localize_kwargs).__name__}.")
+        qa_format = None if tokenizer is None else as_format(tokenizer)
+        forget_items = _encoded(forget, "forget", qa_format)
+        retain_items = None if retain is None else _encoded(retain, "retain", qa_format)
+        eval_items = {
+            name: None if data is None else _encoded(data, f"eval {name}", qa_format)
+            for name, data in (("forget", eval_forget), ("retain", eval_retain))
+        }
+        objective_obj = training_args.build_objective()
+        if retain_items is None and objective_obj.requirements.retain:
+            raise GrinError(f"objective {objective_obj.name!r} has a retain term but no retain set was given.")
+        questions = [item.get("question") for item in forget_items]
+        known = all(isinstance(q, str) for q in questions)
+        refusals = check_refusals(refusals, objective_obj, questions if known else None, qa_format)
+
+        peft_model, wrapped = _wrap(model, config)
+        timings: dict[str, float] = {}
+        report = None
+        try:
+            grin_config = peft_model.peft_config[peft_model.active_adapter]
+            if not grin_config.selects_at_injection and sum(peft_model.base_model.num_entries().values()) == 0:
+                t0 = time.perf_counter()
+                options = {"tokenizer": qa_format, **(localize_kwargs or {})}
+                report = peft_model.localize(forget_items, retain_items, **options)
+                timings["localize"] = time.perf_counter() - t0
+            trainer = UnlearningTrainer(
+                peft_model,
+                training_args,
+                forget_items,
+                retain_items,
+                qa_format=qa_format,
+                refusals=refusals,
+                eval_forget_dataset=eval_items["forget"],
+                eval_retain_dataset=eval_items["retain"],
+                callbacks=callbacks,
+            )
+        except BaseException:
+            if wrapped:  # give the caller back the model as it was
+                peft_model.unload()
+            raise
+        t0 = time.perf_counter()
+        output = trainer.train()
+        timings["train"] = time.perf_counter() - t0
+        eval_metrics = None
+        if trainer.eval_dataset is not None:
+            t0 = time.perf_counter()
+            eval_metrics = trainer.evaluate()
+            timings["evaluate"] = time.perf_counter() - t0
+        if output_dir is not None:
+            trainer.save_model(output_dir)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    return UnlearnResult(
+        peft_model=peft_model,
+        localization=report,
+        train_metrics=dict(output.metrics),
+        log_history=list(trainer.state.log_history),
+        trainable_entries=int(sum(peft_model.base_model.num_entries().values())),
+        wall_time=time.perf_counter() - started,
+        timings=timings,
+        eval_metrics=eval_metrics,
+        trainer=trainer,
+    )
+
+
+def _training_args(
+    training_args: UnlearningArguments | None, objective: str | None, output_dir: str | None, kw: dict[str, Any]
+) -> tuple[UnlearningArguments, tempfile.TemporaryDirectory | None]:
+    """The training arguments, and the scratch directory standing in for a missing output_dir (caller cleans up)."""
+    if training_args is not None:
+        if not isinstance(training_args, UnlearningArguments):
+            raise GrinError(f"training_args must be UnlearningArguments, got {type(training_args).__name__}.")
+        if kw or output_dir is not None:
+            given = sorted(kw) + (["output_dir"] if output_dir is not None else [])
+            raise GrinError(
+                f"give training settings either in training_args or as output_dir/keywords, not both (got {given})."
+            )
+        if objective is not None and objective != training_args.objective:
+            raise GrinError(
+                f"objective={objective!r} disagrees with training_args.objective={training_args.objective!r}."
+            )
+        return training_args, None
+    if output_dir is None and (kw.get("save_strategy", "no") != "no" or kw.get("load_best_model_at_end")):
+        raise GrinError("checkpoints (save_strategy, load_best_model_at_end) need an output_dir.")
+    known = {f.name for f in fields(UnlearningArguments) if f.init}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise GrinError(f"unknown training setting(s) {unknown}: see UnlearningArguments for the valid ones.")
+    if output_dir is not None:
+        return UnlearningArguments(output_dir=output_dir, objective=objective or "npo", **kw), None
+    scratch = tempfile.TemporaryDirectory(prefix="grin_unlearn_")
+    try:
+        args = UnlearningArguments(
+            output_dir=scratch.name, objective=objective or "npo", **{"save_strategy": "no", **kw}
+        )
+    except BaseException:
+        scratch.cleanup()
+        raise
+    return args, scratch
+
+
+def _encoded(data: Any, name: str, qa_format: QAFormat | None) -> list[dict[str, Any]]:
+    """Encode once, up front: invalid data is refused before the model is wrapped, and localize and the trainer
+    read the same examples. Questions travel along for refusal objectives."""
+    encoded, questions = encode_dataset(data, name, qa_format)
+    if questions is None:
+        return list(encoded)
+    return [{**example, "question": question} for example, question in zip(encoded, questions)]
+
+
+def _wrap(model: nn.Module, config: GrinConfig | None) -> tuple[PeftModel, bool]:
+    """The GRIN `PeftModel` to train (``model`` itself, or ``model`` wrapped with ``config``), and whether it was
+    wrapped here."""
+    if isinstance(model, PeftModel):
+        if config is not None:
+            raise GrinError("the model is already a PeftModel with its own config: do not pass config=.")
+        if not isinstance(model.peft_config.get(model.active_adapter), GrinConfig):
+            raise GrinError(f"the model's active adapter '{model.active_adapter}' is not a GRIN adapter.")
+        return model, False
+    if not isinstance(model, nn.Module):
+        raise GrinError(f"model must be a torch module or a PeftModel, got {type(model).__name__}.")
+    if config is not None and not isinstance(config, GrinConfig):
+        raise GrinError(f"config must be a GrinConfig, got {type(config).__name__}.")
+    return get_peft_model(model, config if config is not None else GrinConfig()), True

@@ -1,0 +1,701 @@
+"""`UnlearningTrainer`: a `transformers.Trainer` that trains a PEFT adapter (GRIN's sparse delta) to unlearn.
+
+Every step pairs one forget batch with one retain batch (and, for refusal objectives, the forget questions paired
+with refusal answers), computes the forward passes the objective asks for (see
+:attr:`grin_peft.objectives.UnlearningObjective.requirements`) and backpropagates its loss. The pairing lives in a
+dataset, a sampler and a collator, not in a custom loop, so everything `Trainer` does keeps working: logging,
+checkpoints and resuming, gradient accumulation, mixed precision, accelerate/DeepSpeed/FSDP, progress bars and
+callbacks.
+
+Reference quantities (NPO's and DPO's reference NLLs, the KL term's reference logits) come from the same PEFT model
+with its adapter disabled, in eval mode and under ``torch.no_grad``: the frozen base *is* the reference, so no
+second copy of the model is held in memory.
+
+Evaluation scores the forget and retain answers' probability (TOFU's Probability: ``exp(-mean answer-token NLL)``,
+averaged over items, teacher-forced, no generation) and a criterion combining them, ``eval_unlearn_score``, usable
+with ``metric_for_best_model`` and ``load_best_model_at_end``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+
+from .data import IGNORE_INDEX, EncodedQA, QACollator, QAFormat, as_format
+from .errors import GrinError
+from .objectives import ObjectiveInputs, UnlearningObjective, get_objective, sequence_nll
+
+__all__ = [
+    "UNLEARN_CRITERIA",
+    "PairedCollator",
+    "PairedSampler",
+    "PairedUnlearningDataset",
+    "UnlearningArguments",
+    "UnlearningTrainer",
+    "check_refusals",
+    "encode_dataset",
+    "unlearn_score",
+]
+
+UNLEARN_CRITERIA = ("difference", "harmonic")
+# Objective hyper-parameters that UnlearningArguments forwards to get_objective when set.
+_OBJECTIVE_FIELDS = ("beta", "forget_weight", "retain_weight", "kl_weight", "nll_reduction", "margin")
+
+
+def unlearn_score(forget_prob: float, retain_prob: float, criterion: str = "difference") -> float:
+    """One number to rank checkpoints by, higher = better unlearning at a smaller cost to the retained knowledge.
+
+    ``"difference"``: ``retain_prob - forget_prob``, in [-1, 1]; linear, so a point of retain probability is worth
+    exactly a point of forget probability. ``"harmonic"``: the harmonic mean of ``1 - forget_prob`` and
+    ``retain_prob``, in [0, 1]; near 0 when either side collapses, so it never prefers a model that forgot
+    everything (retain included) or nothing.
+    """
+    if criterion == "difference":
+        return retain_prob - forget_prob
+    if criterion == "harmonic":
+        forgotten = 1.0 - forget_prob
+        return 0.0 if forgotten <= 0 or retain_prob <= 0 else 2 * forgotten * retain_prob / (forgotten + retain_prob)
+    raise GrinError(f"unknown unlearn criterion {criterion!r}; valid: {', '.join(UNLEARN_CRITERIA)}.")
+
+
+@dataclass
+class UnlearningArguments(TrainingArguments):
+    """`TrainingArguments` plus the unlearning objective and the evaluation criterion.
+
+    Objective hyper-parameters left at None take the objective's own defaults (open-unlearning's, see
+    :mod:`grin_peft.objectives`); setting one the objective does not have (``beta`` for GradDiff) raises
+    :class:`GrinError`. Defaults that differ from `TrainingArguments`: ``learning_rate=1e-2`` (sparse deltas, see
+    the field), ``num_train_epochs=10``, ``logging_steps=10`` (unlearning runs are short) and
+    ``remove_unused_columns=False`` (batches are nested forget/retain dicts, not model inputs).
+    ``load_best_model_at_end`` without ``metric_for_best_model`` selects by ``unlearn_score``.
+    """
+
+    objective: str = field(
+        default="npo",
+        metadata={"help": "Unlearning objective: npo, simnpo, grad_diff, grad_ascent, idk_nll or idk_dpo."},
+    )
+    beta: float | None = field(default=None, metadata={"help": "Inverse temperature of NPO, SimNPO and IdkDPO."})
+    forget_weight: float | None = field(default=None, metadata={"help": "Weight of the forget term."})
+    retain_weight: float | None = field(default=None, metadata={"help": "Weight of the retain NLL term."})
+    kl_weight: float | None = field(
+        default=None, metadata={"help": "Weight of KL(reference || model) on the retain batch."}
+    )
+    nll_reduction: str | None = field(default=None, metadata={"help": "NPO only: 'sum' or 'mean' sequence NLL."})
+    margin: float | None = field(default=None, metadata={"help": "SimNPO only: the margin (open-unlearning's delta)."})
+    unlearn_criterion: str = field(
+        default="difference",
+        metadata={
+            "help": (
+                "How eval_unlearn_score combines forget and retain answer probability: 'difference' "
+                "(retain - forget) or 'harmonic' (harmonic mean of 1 - forget and retain)."
+            )
+        },
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "torch intra-op threads while training and evaluating (restored afterwards); None leaves torch's "
+                "setting alone. On a CPU, 1 is often fastest for tiny models, the number of physical cores for "
+                "larger ones."
+            )
+        },
+    )
+    learning_rate: float = field(
+        default=1e-2,
+        metadata={
+            "help": (
+                "AdamW learning rate. Default 1e-2, not Trainer's 5e-5: a sparse delta trains a few entries, each of "
+                "which must move by a sizeable fraction of a typical weight (5e-5 leaves them where they started)."
+            )
+        },
+    )
+    num_train_epochs: float = field(
+        default=10.0, metadata={"help": "Passes over the forget set (open-unlearning's TOFU default is 10)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Unused: paired batches are not model inputs, so nothing is removed."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.unlearn_criterion not in UNLEARN_CRITERIA:
+            raise GrinError(
+                f"unlearn_criterion={self.unlearn_criterion!r} is not one of {', '.join(UNLEARN_CRITERIA)}."
+            )
+        if self.num_threads is not None and (
+            not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 1
+        ):
+            raise GrinError(f"num_threads must be a positive integer or None; got {self.num_threads!r}.")
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "unlearn_score"
+        super().__post_init__()
+        self.build_objective()  # fail now, not after the model has been loaded and localised
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """The hyper-parameters set explicitly, to pass to :func:`grin_peft.objectives.get_objective`."""
+        return {name: getattr(self, name) for name in _OBJECTIVE_FIELDS if getattr(self, name) is not None}
+
+    def build_objective(self) -> UnlearningObjective:
+        """The configured objective, validated."""
+        return get_objective(self.objective, **self.objective_kwargs())
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+class PairedUnlearningDataset(Dataset):
+    """Indexed by ``(forget index, retain index, refusal index)`` triples from :class:`PairedSampler`.
+
+    An item is ``{"forget": ..., "retain": ..., "refusal": ...}`` with each value an encoded example
+    (``input_ids``/``labels``); keys for data the objective does not read are left out. The refusal example is the
+    forget question with refusal string ``k`` as its answer, encoded on first use (a forget set of N items and K
+    refusal strings has N * K possible pairs, most never drawn). An int index ``i`` means ``(i, i, i)`` modulo the
+    sizes, so the dataset also works with a plain sampler. Its length, the forget set's, is the epoch length.
+    """
+
+    def __init__(
+        self,
+        forget: Sequence[EncodedQA],
+        retain: Sequence[EncodedQA] | None = None,
+        *,
+        forget_questions: Sequence[str] | None = None,
+        refusals: Sequence[str] | None = None,
+        qa_format: QAFormat | None = None,
+        use_forget: bool = True,
+    ) -> None:
+        if not forget:
+            raise GrinError("the forget set is empty: there is nothing to unlearn.")
+        if retain is not None and not retain:
+            raise GrinError("the retain set is empty; pass None if the objective needs no retain data.")
+        if refusals is not None:
+            if not refusals:
+                raise GrinError("the list of refusal strings is empty.")
+            if forget_questions is None or qa_format is None:
+                raise GrinError("refusal pairing needs the forget questions and a QAFormat to encode them.")
+            if len(forget_questions) != len(forget):
+                raise GrinError(f"{len(forget_questions)} forget questions for {len(forget)} forget examples.")
+        self.forget, self.retain = list(forget), None if retain is None else list(retain)
+        self.forget_questions = None if forget_questions is None else list(forget_questions)
+        self.refusals = None if refusals is None else list(refusals)
+        self.qa_format = qa_format
+        self.use_forget = use_forget
+        self._refusal_cache: dict[tuple[int, int], EncodedQA] = {}
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    @property
+    def num_retain(self) -> int:
+        return 0 if self.retain is None else len(self.retain)
+
+    @property
+    def num_refusals(self) -> int:
+        return 0 if self.refusals is None else len(self.refusals)
+
+    def refusal_example(self, forget_index: int, refusal_index: int) -> EncodedQA:
+        """Forget question ``forget_index`` answered with refusal string ``refusal_index``."""
+        key = (forget_index, refusal_index)
+        if key not in self._refusal_cache:
+            self._refusal_cache[key] = self.qa_format.encode(
+                self.forget_questions[forget_index], self.refusals[refusal_index]
+            )
+        return self._refusal_cache[key]
+
+    def __getitem__(self, index: int | tuple[int, int, int]) -> dict[str, EncodedQA]:
+        if isinstance(index, int | np.integer):
+            index = (int(index),) * 3
+        forget_index, retain_index, refusal_index = index
+        forget_index %= len(self.forget)
+        item: dict[str, EncodedQA] = {}
+        if self.use_forget:
+            item["forget"] = self.forget[forget_index]
+        if self.retain is not None:
+            item["retain"] = self.retain[retain_index % len(self.retain)]
+        if self.refusals is not None:
+            item["refusal"] = self.refusal_example(forget_index, refusal_index % len(self.refusals))
+        return item
+
+
+class PairedSampler(Sampler[tuple[int, int, int]]):
+    """Yields ``(forget, retain, refusal)`` index triples: one epoch = one pass over the forget set.
+
+    The forget order is reshuffled every epoch. Retain examples come from an endless stream that is independent of
+    the forget order: the retain set reshuffled at every pass through it, so each retain example is seen once per
+    pass whatever the two sets' sizes, and the stream continues across epochs instead of restarting. Refusal
+    strings are drawn uniformly per forget example and epoch. Every draw is a pure function of ``(seed, epoch,
+    position)``, so resuming from a checkpoint (which skips the first batches of an epoch) replays exactly the same
+    pairs, and dataloader workers or processes never disagree. ``shuffle=False`` keeps both sets in order (forget
+    example i of epoch e pairs with retain example ``(e * n_forget + i) mod n_retain``), for debugging and tests.
+    """
+
+    def __init__(self, num_forget: int, num_retain: int, num_refusals: int, seed: int, shuffle: bool = True) -> None:
+        if num_forget < 1:
+            raise GrinError("the forget set is empty: there is nothing to unlearn.")
+        self.num_forget, self.num_retain, self.num_refusals = num_forget, num_retain, num_refusals
+        self.seed, self.shuffle = int(seed), shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by `Trainer` (through accelerate) at the start of every epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_forget
+
+    def _rng(self, stream: int, counter: int) -> np.random.Generator:
+        # SeedSequence-derived streams: independent for every (seed, stream, counter), no shared state.
+        return np.random.default_rng([self.seed, stream, counter])
+
+    def _retain_pass(self, cycle: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_retain)
+        return self._rng(1, cycle).permutation(self.num_retain)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        n = self.num_forget
+        forget = self._rng(0, self.epoch).permutation(n) if self.shuffle else np.arange(n)
+        if self.num_refusals == 0:
+            refusal = np.zeros(n, dtype=np.int64)
+        elif self.shuffle:
+            refusal = self._rng(2, self.epoch).integers(0, self.num_refusals, size=n)
+        else:
+            refusal = (self.epoch * n + np.arange(n)) % self.num_refusals
+        retain = np.zeros(n, dtype=np.int64)
+        if self.num_retain:
+            start = self.epoch * n  # position of this epoch's first retain draw in the endless stream
+            positions = np.arange(start, start + n)
+            cycles = positions // self.num_retain
+            passes = {int(c): self._retain_pass(int(c)) for c in np.unique(cycles)}
+            retain = np.array([passes[int(c)][p % self.num_retain] for c, p in zip(cycles, positions)])
+        yield from zip(forget.tolist(), retain.tolist(), refusal.tolist())
+
+
+@dataclass
+class PairedCollator:
+    """Pad each part of a paired batch separately: ``{"forget": {...}, "retain": {...}, ...}`` of tensors."""
+
+    collator: QACollator
+
+    def __call__(self, features: Sequence[Mapping[str, EncodedQA]]) -> dict[str, dict[str, torch.Tensor]]:
+        if not features:
+            raise GrinError("Cannot collate an empty batch.")
+        return {key: self.collator([feature[key] for feature in features]) for key in features[0]}
+
+
+def _as_items(data: Any, name: str) -> list[Mapping[str, Any]]:
+    """A list of example dicts from a list, a `datasets.Dataset` or any sized indexable collection."""
+    if data is None:
+        raise GrinError(f"the {name} set is missing.")
+    if isinstance(data, str | bytes | Mapping) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise GrinError(
+            f"the {name} set must be a list of examples (dicts) or a datasets.Dataset; got {type(data).__name__}."
+        )
+    items = [data[i] for i in range(len(data))]
+    if not items:
+        raise GrinError(f"the {name} set is empty.")
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise GrinError(f"{name} example {index} is a {type(item).__name__}, not a dict.")
+    return items
+
+
+def encode_dataset(data: Any, name: str, qa_format: QAFormat | None) -> tuple[list[EncodedQA], list[str] | None]:
+    """Encoded examples (kept as given, or encoded from ``question``/``answer`` fields) and the questions if known.
+
+    Encoded examples need ``labels`` with ``IGNORE_INDEX`` on prompt tokens, since the loss must only see answer
+    tokens; an example whose answer is empty (e.g. truncated away) is refused here rather than mid-training.
+    """
+    items = _as_items(data, name)
+    if "input_ids" in items[0]:
+        encoded = []
+        for index, item in enumerate(items):
+            if "input_ids" not in item or "labels" not in item:
+                raise GrinError(
+                    f"{name} example {index} needs 'input_ids' and 'labels' (labels = {IGNORE_INDEX} on prompt "
+                    "tokens, the token id on answer tokens); or give raw 'question'/'answer' items and a tokenizer."
+                )
+            ids, labels = list(item["input_ids"]), list(item["labels"])
+            if len(ids) != len(labels):
+                raise GrinError(f"{name} example {index}: {len(ids)} input_ids but {len(labels)} labels.")
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                raise GrinError(f"{name} example {index} has no answer token (every label after the first is -100).")
+            encoded.append({"input_ids": ids, "labels": labels})
+        questions = [item.get("question") for item in items]
+        return encoded, questions if all(isinstance(q, str) for q in questions) else None
+    for index, item in enumerate(items):
+        if "question" not in item or "answer" not in item:
+            raise GrinError(
+                f"{name} example {index} has neither 'input_ids'/'labels' nor 'question'/'answer'; it has "
+                f"{sorted(item)}."
+            )
+    if qa_format is None:
+        raise GrinError(
+            f"the {name} set holds raw question/answer items: pass processing_class=<tokenizer> (or qa_format=) "
+            "to encode them."
+        )
+    return [qa_format.encode(item["question"], item["answer"]) for item in items], [item["question"] for item in items]
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class UnlearningTrainer(Trainer):
+    """Train a PEFT adapter (a GRIN delta) to forget ``forget_dataset`` while keeping ``retain_dataset``.
+
+    Args:
+        model: a `peft.PeftModel`, normally with a GRIN adapter whose entries are selected (data-free scores select
+            at creation, the others in ``model.localize(forget, retain)``). Only its trainable parameters change.
+        args: :class:`UnlearningArguments` (objective, hyper-parameters, evaluation criterion, everything of
+            `TrainingArguments`). ``per_device_train_batch_size`` is the size of each forget and each retain batch.
+        forget_dataset, retain_dataset: encoded examples (``input_ids``/``labels``, e.g. from
+            :func:`grin_peft.data.encode_items`) or raw ``question``/``answer`` items, as lists or `datasets.Dataset`.
+            The retain set may be None for objectives without a retain term (GradAscent).
+        processing_class: the tokenizer; encodes raw items with the default :class:`~grin_peft.data.QAFormat`
+            (its chat template when it has one) and is saved with checkpoints.
+        qa_format: a :class:`~grin_peft.data.QAFormat` for a custom layout (template, system prompt, max_length).
+        refusals: refusal answers (e.g. :func:`grin_peft.data.load_tofu_idk`) for ``idk_nll`` / ``idk_dpo``; each
+            forget question is paired with one drawn per epoch. Needs the forget questions (raw items).
+        eval_forget_dataset, eval_retain_dataset: what :meth:`evaluate` scores; default the training sets.
+        objective: a ready :class:`~grin_peft.objectives.UnlearningObjective`, overriding ``args.objective`` and
+            its hyper-parameters (for custom objectives).
+        callbacks, optimizers, optimizer_cls_and_kwargs: as in `Trainer`.
+    """
+
+    # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: PeftModel,
+        args: UnlearningArguments | None = None,
+        forget_dataset: Any = None,
+        retain_dataset: Any = None,
+        *,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        qa_format: QAFormat | None = None,
+        refusals: Sequence[str] | None = None,
+        eval_forget_dataset: Any = None,
+        eval_retain_dataset: Any = None,
+        objective: UnlearningObjective | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+    ) -> None:
+        if args is None:
+            args = UnlearningArguments(output_dir="unlearning_output")
+        if not isinstance(args, UnlearningArguments):
+            raise GrinError(f"args must be UnlearningArguments, got {type(args).__name__}.")
+        _check_model(model)
+        if objective is not None and not isinstance(objective, UnlearningObjective):
+            raise GrinError(f"objective must be an UnlearningObjective, got {type(objective).__name__}.")
+        self.objective = objective if objective is not None else args.build_objective()
+        needs = self.objective.requirements
+
+        if qa_format is None and processing_class is not None:
+            qa_format = as_format(processing_class)
+        if qa_format is not None and not isinstance(qa_format, QAFormat):
+            raise GrinError(f"qa_format must be a grin_peft.data.QAFormat, got {type(qa_format).__name__}.")
+        self.qa_format = qa_format
+        if processing_class is None and qa_format is not None:
+            processing_class = qa_format.tokenizer
+
+        forget, forget_questions = encode_dataset(forget_dataset, "forget", qa_format)
+        retain = None
+        if retain_dataset is not None:
+            retain, _ = encode_dataset(retain_dataset, "retain", qa_format)
+        elif needs.retain:
+            raise GrinError(
+                f"objective {self.objective.name!r} has a retain term (retain_weight or kl_weight > 0) but no "
+                "retain set was given."
+            )
+        refusal_strings = check_refusals(refusals, self.objective, forget_questions, qa_format)
+        train_dataset = PairedUnlearningDataset(
+            forget,
+            retain if needs.retain else None,
+            forget_questions=forget_questions if refusal_strings else None,
+            refusals=refusal_strings,
+            qa_format=qa_format,
+            use_forget=needs.forget or needs.reference_forget,
+        )
+        eval_forget, eval_retain = forget, retain
+        if eval_forget_dataset is not None:
+            eval_forget = encode_dataset(eval_forget_dataset, "eval forget", qa_format)[0]
+        if eval_retain_dataset is not None:
+            eval_retain = encode_dataset(eval_retain_dataset, "eval retain", qa_format)[0]
+        eval_dataset = {"forget": eval_forget, "retain": eval_retain} if eval_retain is not None else None
+        if eval_dataset is None and args.eval_strategy != "no":
+            raise GrinError("evaluation needs retain examples: pass retain_dataset or eval_retain_dataset.")
+
+        pad_id = _pad_id(processing_class)
+        self._qa_collator = QACollator(pad_id)
+        self._objective_logs: dict[str, list[float]] = defaultdict(list)  # since the last training log
+        self._run_logs: dict[str, list[float]] = defaultdict(list)  # since train() started
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=PairedCollator(self._qa_collator),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------- data plumbing
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:
+        """A :class:`PairedSampler`: shuffled unless ``train_sampling_strategy="sequential"`` (length grouping and
+        rebalancing do not apply to paired batches)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PairedSampler(
+            len(dataset),
+            dataset.num_retain,
+            dataset.num_refusals,
+            seed,
+            shuffle=self.args.train_sampling_strategy != "sequential",
+        )
+
+    def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
+        # Paired batches are nested dicts, not model inputs: there is no column to remove.
+        return data_collator
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Forward + backward FLOPs of the trained passes (the reference passes are forward-only and not counted)."""
+        return sum(super(UnlearningTrainer, self).floating_point_ops(batch) for batch in inputs.values())
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        for batch in inputs.values():
+            super()._track_num_input_tokens(batch)
+
+    # ------------------------------------------------------------------------------------------- the loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, dict[str, torch.Tensor]],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+        """Run the passes the objective needs, then its loss; log its parts (averaged over each logging window)."""
+        needs = self.objective.requirements
+        forget, retain, refusal = inputs.get("forget"), inputs.get("retain"), inputs.get("refusal")
+        values: dict[str, torch.Tensor] = {}
+        if needs.reference_forget or needs.reference_refusal or needs.reference_retain:
+            with torch.no_grad(), self._reference_mode(model):
+                if needs.reference_forget:
+                    values["ref_forget_nll"] = sequence_nll(_logits(model, forget), forget["labels"], "sum")
+                if needs.reference_refusal:
+                    values["ref_refusal_nll"] = sequence_nll(_logits(model, refusal), refusal["labels"], "sum")
+                if needs.reference_retain:
+                    values["ref_retain_logits"] = _logits(model, retain)
+        if needs.forget:
+            values["forget_logits"], values["forget_labels"] = _logits(model, forget), forget["labels"]
+        if needs.refusal:
+            values["refusal_logits"], values["refusal_labels"] = _logits(model, refusal), refusal["labels"]
+        if needs.retain:
+            values["retain_logits"], values["retain_labels"] = _logits(model, retain), retain["labels"]
+        loss, logs = self.objective.compute(ObjectiveInputs(**values))
+        if model.training:
+            for key, value in logs.items():
+                if key != "loss":  # Trainer logs the loss itself
+                    self._objective_logs[key].append(value)
+                    self._run_logs[key].append(value)
+        return (loss, logs) if return_outputs else loss
+
+    @contextlib.contextmanager
+    def _reference_mode(self, model: nn.Module) -> Iterator[None]:
+        """The reference model: this model with its adapter disabled and in eval mode (no dropout)."""
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()
+        try:
+            with peft_model.disable_adapter():
+                yield
+        finally:
+            peft_model.train(was_training)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the objective's logged parts to training logs: averaged since the last training log to each one, and
+        averaged over the whole run (``train_<part>``) to the final summary, so even a run shorter than
+        ``logging_steps`` reports them (also in ``train().metrics``)."""
+        if "loss" in logs and self._objective_logs:
+            logs.update(self._mean_logs(self._objective_logs, prefix=""))
+            self._objective_logs.clear()
+        if "train_loss" in logs and self._run_logs:
+            logs.update(self._mean_logs(self._run_logs, prefix="train_"))
+            self._run_logs.clear()
+        super().log(logs, start_time)
+
+    def _mean_logs(self, values: dict[str, list[float]], prefix: str) -> dict[str, float]:
+        keys = sorted(values)
+        means = torch.tensor([float(np.mean(values[key])) for key in keys], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        return {prefix + key: value for key, value in zip(keys, means.tolist())}
+
+    # ------------------------------------------------------------------------------------------- train / evaluate
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, under ``args.num_threads`` torch threads when set."""
+        with _torch_threads(self.args.num_threads):
+            return super().train(*args, **kwargs)
+
+    def evaluate(
+        self,
+        eval_dataset: Mapping[str, Any] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Score forget and retain answer probability; no generation, so it is cheap enough to run often.
+
+        Returns (and logs) ``{prefix}_forget_prob`` and ``{prefix}_retain_prob`` (mean over items of
+        ``exp(-mean answer-token NLL)``, TOFU's Probability, as :func:`grin_peft.metrics.answer_probability`),
+        ``{prefix}_forget_nll`` / ``{prefix}_retain_nll`` (mean answer-token NLL over items),
+        ``{prefix}_unlearn_score`` (:func:`unlearn_score` with ``args.unlearn_criterion``) and the runtime.
+        ``eval_dataset`` may be ``{"forget": ..., "retain": ...}`` to score other sets (encoded or raw items).
+        Every process scores the whole sets, so the numbers agree across processes without gathering.
+        """
+        if eval_dataset is None:
+            if self.eval_dataset is None:
+                raise GrinError("evaluation needs retain examples: pass retain_dataset or eval_retain_dataset.")
+            sets = self.eval_dataset
+        else:
+            if not isinstance(eval_dataset, Mapping) or set(eval_dataset) != {"forget", "retain"}:
+                raise GrinError("eval_dataset must be a dict with exactly the keys 'forget' and 'retain'.")
+            sets = {
+                key: encode_dataset(value, f"eval {key}", self.qa_format)[0] for key, value in eval_dataset.items()
+            }
+        start = time.time()
+        metrics: dict[str, float] = {}
+        with _torch_threads(self.args.num_threads):
+            for key in ("forget", "retain"):
+                nll = self._answer_nll(sets[key])
+                metrics[f"{metric_key_prefix}_{key}_prob"] = float(np.mean(np.exp(-nll)))
+                metrics[f"{metric_key_prefix}_{key}_nll"] = float(np.mean(nll))
+        metrics[f"{metric_key_prefix}_unlearn_score"] = unlearn_score(
+            metrics[f"{metric_key_prefix}_forget_prob"],
+            metrics[f"{metric_key_prefix}_retain_prob"],
+            self.args.unlearn_criterion,
+        )
+        runtime = time.time() - start
+        metrics[f"{metric_key_prefix}_runtime"] = round(runtime, 4)
+        metrics[f"{metric_key_prefix}_samples_per_second"] = round(
+            (len(sets["forget"]) + len(sets["retain"])) / max(runtime, 1e-9), 3
+        )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _answer_nll(self, examples: Sequence[EncodedQA]) -> np.ndarray:
+        """Per-example mean answer-token NLL, batched by length to waste little padding."""
+        model = self.model_wrapped
+        peft_model = self.accelerator.unwrap_model(model)
+        was_training = peft_model.training
+        peft_model.eval()
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        out = np.zeros(len(examples))
+        batch_size = self.args.per_device_eval_batch_size
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self._prepare_inputs(self._qa_collator([examples[i] for i in rows]))
+                with self.accelerator.autocast():
+                    logits = _logits(model, batch)
+                out[rows] = sequence_nll(logits, batch["labels"], "mean").float().cpu().numpy()
+        finally:
+            peft_model.train(was_training)
+        return out
+
+
+def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of one padded batch; labels are not passed, so the model computes no loss of its own."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, PeftModel):
+        raise GrinError(
+            f"UnlearningTrainer trains a PEFT adapter, got a {type(model).__name__}: wrap the model with "
+            "peft.get_peft_model(model, grin_peft.GrinConfig(...)) first, or use grin_peft.pipeline.unlearn."
+        )
+    tuner = model.base_model
+    if hasattr(tuner, "num_entries") and sum(tuner.num_entries().values()) == 0:
+        raise GrinError(
+            "the GRIN adapter has no selected entries yet: call model.localize(forget, retain) first (scores other "
+            "than 'random' and 'magnitude' select from data)."
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GrinError("the model has no trainable parameter: is the adapter in inference mode?")
+
+
+def check_refusals(
+    refusals: Sequence[str] | None,
+    objective: UnlearningObjective,
+    forget_questions: Sequence[str] | None,
+    qa_format: QAFormat | None,
+) -> list[str] | None:
+    """The refusal strings when the objective reads a refusal batch; clear errors when it cannot be built."""
+    needs = objective.requirements
+    if not (needs.refusal or needs.reference_refusal):
+        if refusals is not None:
+            warnings.warn(
+                f"refusals are ignored: objective {objective.name!r} has no refusal term.", UserWarning, stacklevel=3
+            )
+        return None
+    if refusals is None:
+        raise GrinError(
+            f"objective {objective.name!r} trains towards refusal answers: pass refusals=[...] (e.g. "
+            "grin_peft.data.load_tofu_idk())."
+        )
+    if isinstance(refusals, str | bytes) or not isinstance(refusals, Sequence):
+        raise GrinError("refusals must be a list of strings (e.g. grin_peft.data.load_tofu_idk()).")
+    strings = list(refusals)
+    if not strings or not all(isinstance(s, str) and s.strip() for s in strings):
+        raise GrinError("refusals must be a non-empty list of non-empty strings.")
+    if forget_questions is None:
+        raise GrinError(
+            "refusal objectives pair each forget question with a refusal answer: give the forget set as raw "
+            "question/answer items (or encoded items that keep a 'question' field)."
+        )
+    if qa_format is None:
+        raise GrinError("refusal answers must be encoded: pass processing_class=<tokenizer> (or qa_format=).")
+    return strings
+
+
+def _pad_id(processing_class: PreTrainedTokenizerBase | None) -> int:
+    """Padding id: the tokenizer's pad (else EOS) token, else 0.
+
+    Padded positions are masked out of attention and labels, so the id only has to be a valid token; 0 always is
+    (a model config's ids may not be: GPT-2's default EOS lies outside a small test vocabulary).
+    """
+    if processing_class is not None:
+        for token_id in (processing_class.pad_token_id, processing_class.eos_token_id):
+            if token_id is not None:
+                return int(token_id)
+    return 0
