@@ -1,0 +1,197 @@
+"""Per-entry scores from the gradient statistics: GRIN's gradient ratio and the published baselines on one machinery.
+
+Notation (per targeted weight entry, see :mod:`.statistics`): ``g_u`` is the gradient of unit ``u``'s summed
+answer-token loss at the original weights (a unit is an example, or a batch with ``grad_unit='batch'``), ``T_u`` its
+answer tokens, ``n`` the number of units, ``N`` the normaliser chosen by ``GrinConfig.normalization`` (total answer
+tokens; ``n`` for ``'batches'``, which counts gradient units, i.e. batches only with ``grad_unit='batch'``; or 1).
+Subscripts ``f``/``r`` mean the forget/retain data.
+
+* ``gradient_ratio`` (GRIN): ``s = A_f / (A_r + eps')`` with ``A`` per ``grad_statistic``: ``abs_sum`` =
+  ``|sum_u g_u| / N``, ``sum_abs`` = ``sum_u |g_u| / N``, ``sum_sq`` = ``sum_u g_u^2 / N``. ``eps' = eps``
+  (``eps_mode='absolute'``) or ``eps * Q(A_r, eps_quantile)`` (``'quantile'``), ``Q`` the exact lower quantile over
+  all targeted entries (nearest rank ``floor(q (M - 1))`` of ``M`` entries). The paper's exact statistic and eps are
+  not public; these are documented choices, not a reproduction.
+* ``forget_gradient`` (SalUn, Fan et al. 2024): ``s = |sum_u g_f,u| / N_f``, the magnitude of the forget loss's
+  gradient (SalUn thresholds ``|grad|`` of the summed forget loss). Retain data is not used.
+* ``ssd`` (Foster et al. 2024): ``F = (1/n) sum_u (g_u / T_u)^2`` (diagonal Fisher from mean-loss gradients);
+  ``s = F_f / F_r`` where ``F_f > ssd_alpha * F_r`` and ``0`` elsewhere (ineligible; the largest finite float32 where
+  ``F_r = 0 < F_f``). SSD itself dampens every eligible weight; under a fixed budget the most eligible come first.
+* ``wagle`` (Jia et al. 2024): ``s = |(w - gbar_r / mu) * gbar_f|`` with signed ``gbar = sum_u g_u / N`` (with
+  ``normalization='tokens'`` the gradient of the mean answer-token loss) and ``w`` the original (dequantized) weight.
+* ``squared_ratio`` (LoKU/FILA, Cha et al. 2025): ``s = F_f / (1e-5 + F_r)``, ``F`` as for ``ssd``.
+
+``random`` and ``magnitude`` need no data; :class:`~grin_peft.model.GrinModel` scores them.
+
+Normalisation by ``N`` never changes a ranking except through an absolute eps: with ``eps_mode='quantile'`` the
+eps scales with ``A_r``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import GrinConfig
+from ..errors import GrinError
+from ..layer import GrinLayer
+from .statistics import UNITS, Statistic
+
+LOKU_EPS = 1e-5
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# (forget kind, retain kind) accumulated for each data-driven score
+_GRAD_STATISTIC_KIND = {"abs_sum": "sum", "sum_abs": "abs", "sum_sq": "sq"}
+
+
+def accumulation_plan(config: GrinConfig) -> tuple[str, str | None]:
+    """Which statistic kind each pass accumulates for ``config.score`` (None: that data set is not needed)."""
+    if config.score == "gradient_ratio":
+        kind = _GRAD_STATISTIC_KIND[config.grad_statistic]
+        return kind, kind
+    if config.score == "forget_gradient":
+        return "sum", None
+    if config.score in ("ssd", "squared_ratio"):
+        return "sq_mean", "sq_mean"
+    if config.score == "wagle":
+        return "sum", "sum"
+    raise GrinError(f"score={config.score!r} needs no data; it has no gradient statistics.")
+
+
+def grad_unit(config: GrinConfig) -> str:
+    """What one gradient term is: an example (default) or a batch. Read from ``GrinConfig.grad_unit`` when set."""
+    return getattr(config, "grad_unit", "example")
+
+
+def check_config(config: GrinConfig) -> None:
+    """Refuse settings that would only fail after the scoring pass."""
+    if grad_unit(config) not in UNITS:
+        raise GrinError(f"grad_unit={grad_unit(config)!r} is not one of {', '.join(UNITS)}.")
+    if config.score == "wagle" and not config.wagle_mu > 0:
+        raise GrinError(f"score='wagle' divides by wagle_mu; it must be positive, got {config.wagle_mu!r}.")
+
+
+def _divisor(stat: Statistic, normalization: str) -> int:
+    # 'batches' counts gradient units: the batches themselves only with grad_unit='batch'
+    return {"tokens": stat.tokens, "batches": stat.units, "none": 1}[normalization]
+
+
+@dataclass
+class Scorer:
+    """A score per module (float32, the base weight's stored layout), plus the forget/retain parts behind it."""
+
+    score: Callable[[str], torch.Tensor]
+    parts: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]]
+    info: dict[str, float | int | None] = field(default_factory=dict)
+
+
+def nonneg_quantiles(
+    names: Iterable[str], values: Callable[[str], torch.Tensor], qs: Iterable[float], chunk: int = 1 << 22
+) -> list[float]:
+    """Exact lower quantiles of non-negative float32 values spread over modules, in bounded memory.
+
+    Radix select on the float bit patterns (monotone for non-negative floats): one pass histograms the top 16
+    bits, a second the low 16 bits inside each bin a quantile falls into. Memory: two 65536-bin histograms plus
+    one module's values and one chunk at a time, never all values. Deterministic (integer counts).
+    """
+    names, qs = list(names), list(qs)
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    total = 0
+    for name in names:
+        for bits in _bit_chunks(values(name), chunk, name):
+            hist += torch.bincount(bits >> 16, minlength=1 << 16).cpu()
+            total += bits.numel()
+    if total == 0:
+        raise GrinError("no values to take a quantile of.")
+    cum = hist.cumsum(0)
+    targets = []
+    for q in qs:
+        rank = int(q * (total - 1))
+        high = int(torch.searchsorted(cum, torch.tensor(rank), right=True))
+        targets.append((high, rank - (int(cum[high - 1]) if high else 0)))
+    lows = {high: torch.zeros(1 << 16, dtype=torch.int64) for high, _ in targets}
+    for name in names:
+        for bits in _bit_chunks(values(name), chunk, name):
+            top = bits >> 16
+            for high, low_hist in lows.items():
+                low_hist += torch.bincount(bits[top == high] & 0xFFFF, minlength=1 << 16).cpu()
+    out = []
+    for high, rest in targets:
+        low = int(torch.searchsorted(lows[high].cumsum(0), torch.tensor(rest), right=True))
+        out.append(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32).item())
+    return out
+
+
+def _bit_chunks(values: torch.Tensor, chunk: int, name: str):
+    flat = values.detach().reshape(-1).float()
+    if flat.numel() and not bool((flat >= 0).all()):
+        raise GrinError(f"{name}: quantiles need non-negative, non-NaN values.")
+    for start in range(0, flat.numel(), chunk):
+        # + 0.0 turns -0.0 (sign bit set) into +0.0
+        yield (flat[start : start + chunk] + 0.0).view(torch.int32).long()
+
+
+def build_scorer(
+    config: GrinConfig, layers: dict[str, GrinLayer], forget: Statistic, retain: Statistic | None
+) -> Scorer:
+    """Normalise the accumulators in place and return the configured score over them.
+
+    The accumulators are reused as the normalised statistics, so scoring adds only one module's score at a time.
+    """
+    score = config.score
+    if score in ("ssd", "squared_ratio"):
+        for stat in (forget, retain):
+            for acc in stat.values.values():
+                acc.div_(stat.units)
+    else:
+        for stat in (forget, retain):
+            if stat is not None:
+                for acc in stat.values.values():
+                    acc.div_(_divisor(stat, config.normalization))
+    f = forget.values
+    r = retain.values if retain is not None else None
+
+    if score == "gradient_ratio":
+        if config.grad_statistic == "abs_sum":
+            for stat in (f, r):
+                for acc in stat.values():
+                    acc.abs_()
+        eps = float(config.eps)
+        quantile = None
+        if config.eps_mode == "quantile":
+            quantile = nonneg_quantiles(r, lambda name: r[name], [config.eps_quantile])[0]
+            eps = float(torch.tensor(config.eps, dtype=torch.float32) * quantile)
+        if eps == 0 and min(float(acc.min()) for acc in r.values()) == 0:
+            raise GrinError(
+                "gradient_ratio: eps resolves to 0 and some retain statistics are exactly 0, where the ratio is "
+                "undefined; use eps > 0 (or eps_mode='absolute' with a positive eps)."
+            )
+        return Scorer(
+            lambda name: f[name] / (r[name] + eps),
+            lambda name: (f[name], r[name]),
+            {"eps_effective": eps, "retain_quantile": quantile},
+        )
+    if score == "forget_gradient":
+        for acc in f.values():
+            acc.abs_()
+        return Scorer(lambda name: f[name], lambda name: (f[name], None))
+    if score == "ssd":
+        alpha = float(config.ssd_alpha)
+
+        def ssd(name: str) -> torch.Tensor:
+            ff, fr = f[name], r[name]
+            ratio = torch.where(fr > 0, ff / fr, torch.full_like(ff, _FLOAT32_MAX)).clamp_(max=_FLOAT32_MAX)
+            return torch.where(ff > alpha * fr, ratio, torch.zeros_like(ff))
+
+        eligible = sum(int((f[name] > alpha * r[name]).sum()) for name in f)
+        return Scorer(ssd, lambda name: (f[name], r[name]), {"ssd_eligible": eligible})
+    if score == "wagle":
+        mu = float(config.wagle_mu)
+        return Scorer(
+            lambda name: ((layers[name]._grin_weight().detach().float() - r[name] / mu) * f[name]).abs_(),
+            lambda name: (f[name].abs(), r[name].abs()),
+        )
+    if score == "squared_ratio":
+        return Scorer(lambda name: f[name] / (r[name] + LOKU_EPS), lambda name: (f[name], r[name]))
+    raise GrinError(f"score={score!r} needs no data; it has no gradient statistics.")
