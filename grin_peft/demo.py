@@ -80,6 +80,17 @@ def run_demo(
     the same on every run, so the table is reproducible for a seed and thread count.
     """
     seconds: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs several times faster on one thread (BENCHMARKS.md)
+    try:
+        return _run(
+            output_dir, cache_dir, density, objective, learning_rate, num_train_epochs, seed, progress, seconds
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(output_dir, cache_dir, density, objective, learning_rate, num_train_epochs, seed, progress, seconds):
     started = time.perf_counter()
     memorised = load_or_train_memorised_model(cache_dir, progress=progress)
     seconds["target model (train or load)"] = time.perf_counter() - started

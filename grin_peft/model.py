@@ -218,7 +218,7 @@ class GrinModel(BaseTuner):
         for name, (idx, init) in plan.items():
             layers[name].set_grin_entries(adapter_name, idx, init, module_name=name)
 
-    def localize(self, forget, retain, adapter_name: str | None = None, **kwargs: Any):
+    def localize(self, forget, retain=None, adapter_name: str | None = None, **kwargs: Any):
         """Score entries on forget/retain data, select the budget, inject noise; see `grin_peft.localize.localize`."""
         from .localize.pipeline import localize
 

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .errors import GrinError
 
@@ -39,11 +40,14 @@ __all__ = ["SparsePattern", "sparse_delta_dense", "sparse_delta_linear"]
 # that one warning here rather than surprise users mid-training
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    torch.sparse_csr_tensor(torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, 1))
+    torch.sparse_csr_tensor(
+        torch.zeros(2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, 1)
+    )
 
 _INT32_MAX = 2**31 - 1
-# CPU token block: B * max(in, out) floats ~ 1 MiB keeps the transposed block copies in L2 (see module docstring)
-_CPU_BLOCK_ELEMENTS = 1 << 18
+# CPU token block: B * max(in, out) ~ 1M elements (4 MiB in float32). Smaller blocks were at best ~5% faster on an
+# idle machine but each block costs a few thread-pool fork/joins, which get very slow when the CPU is oversubscribed
+_CPU_BLOCK_ELEMENTS = 1 << 20
 _CPU_MIN_BLOCK, _CPU_MAX_BLOCK = 16, 4096
 # index (gather/scatter) fallback: cap on the tokens x entries intermediate, in elements
 _INDEX_CHUNK_ELEMENTS = 1 << 22
@@ -119,11 +123,14 @@ class SparsePattern:
         if not isinstance(indices, torch.Tensor):
             raise GrinError(f"SparsePattern: indices must be a torch.Tensor, got {type(indices).__name__}.")
         if indices.dtype not in (torch.int32, torch.int64):
-            raise GrinError(f"SparsePattern: indices must be int32 or int64 flat positions, got dtype {indices.dtype}.")
+            raise GrinError(
+                f"SparsePattern: indices must be int32 or int64 flat positions, got dtype {indices.dtype}."
+            )
         if indices.dim() != 1:
             raise GrinError(f"SparsePattern: indices must be 1-D flat positions, got shape {tuple(indices.shape)}.")
         numel = out_features * in_features
-        flat = indices.detach().to(torch.int64)
+        # a private copy: the caller's buffer may be edited in place later (load_state_dict), the pattern may not
+        flat = indices.detach().to(torch.int64, copy=True).contiguous()
         if flat.numel() > 0:
             lo, hi = int(flat.min()), int(flat.max())
             if lo < 0 or hi >= numel:
@@ -139,7 +146,6 @@ class SparsePattern:
                     "SparsePattern: indices must be strictly increasing (sorted, no duplicates); "
                     f"position {bad + 1} holds {int(flat[bad + 1])} after {int(flat[bad])}."
                 )
-        flat = flat.contiguous()
 
         if transposed:
             cols, rows = flat // out_features, flat % out_features
@@ -246,9 +252,26 @@ def _use_csr_kernels(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def _autocast_available(device_type: str) -> bool:
+    if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4
+        return torch.amp.is_autocast_available(device_type)
+    return device_type in ("cpu", "cuda")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer in on this device, or None outside autocast."""
+    if not _autocast_available(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast would recast our float32 operands (addmm is on its lower-precision list) and break sparse kernels."""
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -260,7 +283,7 @@ def _token_blocks(n_tokens: int, pattern: SparsePattern, device: torch.device) -
         block = 2 ** round(math.log2(ideal))
         block = min(max(block, _CPU_MIN_BLOCK), _CPU_MAX_BLOCK)
     else:
-        block = n_tokens
+        block = max(n_tokens, 1)
     for start in range(0, n_tokens, block):
         yield start, min(start + block, n_tokens)
 
@@ -285,13 +308,14 @@ class _SparseDeltaLinear(torch.autograd.Function):
         ctx.pattern = pattern
         # x is only needed for the values' gradient, values only for x's: save no more than backward uses
         ctx.save_for_backward(x2d if need_values_grad else None, values if need_x_grad else None)
-        ctx.x_dtype, ctx.values_dtype, ctx.n_tokens = x2d.dtype, values.dtype, x2d.shape[0]
+        ctx.x_dtype, ctx.values_dtype = x2d.dtype, values.dtype
         with _no_autocast(x2d.device.type):
             if _use_csr_kernels(x2d.device):
                 return _csr_forward(x2d, values, pattern)
             return _index_forward(x2d, values, pattern)
 
     @staticmethod
+    @once_differentiable  # the sparse kernels have no derivatives of their own: refuse double backward loudly
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x2d, values = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
@@ -338,8 +362,8 @@ def _csr_backward(
     n_tokens, device = grad_y.shape[0], grad_y.device
     cdt = _compute_dtype(grad_y.dtype)
     grad_x = grad_values = None
-    if need_x_grad:
-        grad_x = torch.empty((n_tokens, pattern.in_features), dtype=cdt, device=device)
+    if need_x_grad:  # in the input's dtype: the block copies below convert on the way
+        grad_x = torch.empty((n_tokens, pattern.in_features), dtype=grad_y.dtype, device=device)
     if pattern.nnz == 0 or n_tokens == 0:
         if grad_x is not None:
             grad_x.zero_()
@@ -440,8 +464,7 @@ def sparse_delta_linear(x: torch.Tensor, values: torch.Tensor, pattern: SparsePa
         raise GrinError("sparse_delta_linear: x and values must be torch tensors.")
     if x.dim() == 0 or x.shape[-1] != pattern.in_features:
         raise GrinError(
-            f"sparse_delta_linear: x must have shape [..., {pattern.in_features}] (in_features), "
-            f"got {tuple(x.shape)}."
+            f"sparse_delta_linear: x must have shape [..., {pattern.in_features}] (in_features), got {tuple(x.shape)}."
         )
     if values.dim() != 1 or values.numel() != pattern.nnz:
         raise GrinError(
@@ -452,9 +475,9 @@ def sparse_delta_linear(x: torch.Tensor, values: torch.Tensor, pattern: SparsePa
         raise GrinError(f"sparse_delta_linear: x and values must be floating point, got {x.dtype} and {values.dtype}.")
     if x.device != values.device:
         raise GrinError(f"sparse_delta_linear: x is on {x.device} but values are on {values.device}.")
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        x = x.to(torch.get_autocast_dtype(device_type))
+    autocast_dtype = _autocast_dtype(x.device.type)
+    if autocast_dtype is not None:
+        x = x.to(autocast_dtype)
     pattern = pattern.to(x.device)
     if x.dim() == 2:
         return _SparseDeltaLinear.apply(x, values, pattern)

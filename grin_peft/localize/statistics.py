@@ -3,11 +3,11 @@
 Why a tap and not ``weight.grad``: quantized bases (bitsandbytes 8-bit/4-bit) have no usable weight gradient, and
 asking autograd for ``.grad`` on every targeted weight would allocate a full gradient copy in the model dtype. In
 scoring mode every GRIN layer's output passes through :class:`_GradTap`, an identity autograd function that saves
-the layer input ``x`` and, in backward, computes the weight gradient ``grad_y^T @ x`` (tokens flattened, float32) and
-adds its statistic into a float32 accumulator. A scalar ``dummy`` that requires grad is fed into every tap, so
-autograd reaches the taps although every parameter is frozen; nothing allocates ``.grad``. This works unchanged
-under gradient checkpointing (the tap is recomputed with its layer) and for any base layer whose forward is
-differentiable in its input.
+the layer input ``x`` and, in backward, computes the weight gradient ``grad_y^T @ x`` (tokens flattened, result in
+float32) and adds its statistic into a float32 accumulator. A scalar ``dummy`` that requires grad is fed into every
+tap, so autograd reaches the taps although every parameter is frozen; nothing allocates ``.grad``. This works
+unchanged under gradient checkpointing (the tap is recomputed with its layer) and for any base layer whose forward
+is differentiable in its input.
 
 What is accumulated, per entry and per pass (one data set). A *unit* is one example (``unit='example'``, default)
 or one batch; ``g_u`` is the gradient of the unit's *summed* answer-token loss and ``T_u`` its answer tokens:
@@ -99,15 +99,22 @@ class Statistic:
 def weight_gradient(
     grad_y: torch.Tensor, x: torch.Tensor, transposed: bool, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The gradient of a linear weight from its output gradient and input, float32, as the weight is stored.
+    """The gradient of a linear weight from its output gradient and input, in float32, as the weight is stored.
 
     ``y = x W^T`` gives ``dW = grad_y^T x`` (out x in); Conv1D stores W as (in, out), so there it is ``x^T grad_y``.
-    ``out`` reuses a buffer: fresh large CPU allocations are page-faulted in, which cost as much as the GEMM.
+    bf16 activations keep a bf16 GEMM (float32 accumulation inside the kernel, one bf16 rounding of the result, as
+    the model's own weight gradient would have): a float32 GEMM costs about 3x on CPUs with bf16 units and far more
+    on GPUs. float16 is upcast, since its range could overflow. ``out`` reuses a buffer: fresh large CPU
+    allocations are page-faulted in, which costs as much as the GEMM.
     """
-    gy = grad_y.reshape(-1, grad_y.shape[-1]).float()
-    xx = x.reshape(-1, x.shape[-1]).float()
+    dtype = torch.bfloat16 if grad_y.dtype == x.dtype == torch.bfloat16 else torch.float32
+    gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+    xx = x.reshape(-1, x.shape[-1]).to(dtype)
     a, b = (xx.t(), gy) if transposed else (gy.t(), xx)
-    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    if dtype == torch.float32:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    grad = torch.mm(a, b)
+    return grad.float() if out is None else out.copy_(grad)
 
 
 def _transform(grad: torch.Tensor, kind: str, tokens: int) -> torch.Tensor:
