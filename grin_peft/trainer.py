@@ -11,6 +11,11 @@ Reference quantities (NPO's and DPO's reference NLLs, the KL term's reference lo
 with its adapter disabled, in eval mode and under ``torch.no_grad``: the frozen base *is* the reference, so no
 second copy of the model is held in memory.
 
+Full-parameter baselines (GradAscent, GradDiff, NPO on every weight, as in open-unlearning) train a plain
+`transformers` model instead of a `PeftModel`: every parameter with ``requires_grad`` is trained, and the reference
+comes from a frozen copy passed as ``ref_model=`` (a module, or a zero-argument callable returning one, which is
+only called when the objective reads a reference, so GradAscent/GradDiff never pay for a second copy).
+
 Evaluation scores the forget and retain answers' probability (TOFU's Probability: ``exp(-mean answer-token NLL)``,
 averaged over items, teacher-forced, no generation) and a criterion combining them, ``eval_unlearn_score``, usable
 with ``metric_for_best_model`` and ``load_best_model_at_end``.
@@ -22,7 +27,7 @@ import contextlib
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,7 +375,9 @@ class UnlearningTrainer(Trainer):
 
     Args:
         model: a `peft.PeftModel`, normally with a GRIN adapter whose entries are selected (data-free scores select
-            at creation, the others in ``model.localize(forget, retain)``). Only its trainable parameters change.
+            at creation, the others in ``model.localize(forget, retain)``), or any PEFT adapter (LoRA, ...). Only its
+            trainable parameters change. A plain model (no PEFT wrapper) is trained in full: every parameter with
+            ``requires_grad``; objectives with a reference term then need ``ref_model``.
         args: :class:`UnlearningArguments` (objective, hyper-parameters, evaluation criterion, everything of
             `TrainingArguments`). ``per_device_train_batch_size`` is the size of each forget and each retain batch.
         forget_dataset, retain_dataset: encoded examples (``input_ids``/``labels``, e.g. from
@@ -384,6 +391,10 @@ class UnlearningTrainer(Trainer):
         eval_forget_dataset, eval_retain_dataset: what :meth:`evaluate` scores; default the training sets.
         objective: a ready :class:`~grin_peft.objectives.UnlearningObjective`, overriding ``args.objective`` and
             its hyper-parameters (for custom objectives).
+        ref_model: the reference model of NPO/DPO/KL terms: a frozen module, or a zero-argument callable returning
+            one (called only when the objective needs a reference). Required for a plain model with such an
+            objective; with a `PeftModel` it replaces the default reference (the model with its adapter disabled).
+            It is put in eval mode, frozen and moved to the training device.
         callbacks, optimizers, optimizer_cls_and_kwargs: as in `Trainer`.
     """
 
@@ -403,6 +414,7 @@ class UnlearningTrainer(Trainer):
         eval_forget_dataset: Any = None,
         eval_retain_dataset: Any = None,
         objective: UnlearningObjective | None = None,
+        ref_model: nn.Module | Callable[[], nn.Module] | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
@@ -411,11 +423,22 @@ class UnlearningTrainer(Trainer):
             args = UnlearningArguments(output_dir="unlearning_output")
         if not isinstance(args, UnlearningArguments):
             raise GrinError(f"args must be UnlearningArguments, got {type(args).__name__}.")
-        _check_model(model)
         if objective is not None and not isinstance(objective, UnlearningObjective):
             raise GrinError(f"objective must be an UnlearningObjective, got {type(objective).__name__}.")
         self.objective = objective if objective is not None else args.build_objective()
         needs = self.objective.requirements
+        needs_reference = needs.reference_forget or needs.reference_refusal or needs.reference_retain
+        _check_model(model, self.objective.name if needs_reference else None, ref_model is not None)
+        if ref_model is not None and not isinstance(ref_model, nn.Module) and not callable(ref_model):
+            raise GrinError(f"ref_model must be a torch module or a callable returning one, got {type(ref_model)}.")
+        self.ref_model: nn.Module | None = None
+        if needs_reference and ref_model is not None:
+            self.ref_model = ref_model if isinstance(ref_model, nn.Module) else ref_model()
+            if not isinstance(self.ref_model, nn.Module):
+                raise GrinError(f"ref_model() must return a torch module, got {type(self.ref_model).__name__}.")
+            if self.ref_model is model:
+                raise GrinError("ref_model must be a separate frozen copy, not the model being trained.")
+            self.ref_model.eval().requires_grad_(False)
 
         if qa_format is None and processing_class is not None:
             qa_format = as_format(processing_class)
@@ -467,6 +490,8 @@ class UnlearningTrainer(Trainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
         )
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
 
     # ------------------------------------------------------------------------------------------- data plumbing
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:
@@ -507,13 +532,13 @@ class UnlearningTrainer(Trainer):
         forget, retain, refusal = inputs.get("forget"), inputs.get("retain"), inputs.get("refusal")
         values: dict[str, torch.Tensor] = {}
         if needs.reference_forget or needs.reference_refusal or needs.reference_retain:
-            with torch.no_grad(), self._reference_mode(model):
+            with torch.no_grad(), self._reference_mode(model) as ref:
                 if needs.reference_forget:
-                    values["ref_forget_nll"] = sequence_nll(_logits(model, forget), forget["labels"], "sum")
+                    values["ref_forget_nll"] = sequence_nll(_logits(ref, forget), forget["labels"], "sum")
                 if needs.reference_refusal:
-                    values["ref_refusal_nll"] = sequence_nll(_logits(model, refusal), refusal["labels"], "sum")
+                    values["ref_refusal_nll"] = sequence_nll(_logits(ref, refusal), refusal["labels"], "sum")
                 if needs.reference_retain:
-                    values["ref_retain_logits"] = _logits(model, retain)
+                    values["ref_retain_logits"] = _logits(ref, retain)
         if needs.forget:
             values["forget_logits"], values["forget_labels"] = _logits(model, forget), forget["labels"]
         if needs.refusal:
@@ -529,14 +554,19 @@ class UnlearningTrainer(Trainer):
         return (loss, logs) if return_outputs else loss
 
     @contextlib.contextmanager
-    def _reference_mode(self, model: nn.Module) -> Iterator[None]:
-        """The reference model: this model with its adapter disabled and in eval mode (no dropout)."""
+    def _reference_mode(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Yield the reference model: ``ref_model`` when given (under the same autocast as training), else this model
+        with its adapter disabled and in eval mode (no dropout)."""
+        if self.ref_model is not None:
+            with self.accelerator.autocast():
+                yield self.ref_model
+            return
         peft_model = self.accelerator.unwrap_model(model)
         was_training = peft_model.training
         peft_model.eval()
         try:
             with peft_model.disable_adapter():
-                yield
+                yield model
         finally:
             peft_model.train(was_training)
 
@@ -638,12 +668,25 @@ def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _check_model(model: Any) -> None:
+def _check_model(model: Any, reference_objective: str | None = None, has_ref_model: bool = False) -> None:
+    """Refuse what cannot be trained. ``reference_objective`` names the objective when it reads a reference."""
     if not isinstance(model, PeftModel):
-        raise GrinError(
-            f"UnlearningTrainer trains a PEFT adapter, got a {type(model).__name__}: wrap the model with "
-            "peft.get_peft_model(model, grin_peft.GrinConfig(...)) first, or use grin_peft.pipeline.unlearn."
-        )
+        if not isinstance(model, nn.Module):
+            raise GrinError(
+                f"UnlearningTrainer trains a PEFT adapter or a torch model, got a {type(model).__name__}: wrap the "
+                "model with peft.get_peft_model(model, grin_peft.GrinConfig(...)) first, or use "
+                "grin_peft.pipeline.unlearn."
+            )
+        if reference_objective is not None and not has_ref_model:
+            raise GrinError(
+                f"UnlearningTrainer got a plain {type(model).__name__} (trained in full) and objective "
+                f"{reference_objective!r} needs a reference model: pass ref_model=<a frozen copy>, or train a PEFT "
+                "adapter (e.g. peft.get_peft_model(model, grin_peft.GrinConfig(...))), whose disabled adapter is the "
+                "reference."
+            )
+        if not any(p.requires_grad for p in model.parameters()):
+            raise GrinError("the model has no trainable parameter: set requires_grad on the weights to train.")
+        return
     tuner = model.base_model
     if hasattr(tuner, "num_entries") and sum(tuner.num_entries().values()) == 0:
         raise GrinError(

@@ -1,0 +1,512 @@
+"""Shared plumbing of the unlearning benchmarks (``bench_tofu.py``, ``bench_hazard.py``).
+
+What lives here, and why it is shared:
+
+* an atomic on-disk cache for trained tiny models (both benchmarks memorise a corpus once, then unlearn many times);
+* a memorisation loop with length-grouped batches (padding is ~35% of TOFU's tokens with random batches, and the
+  CPU time of the target/reference models dominates a benchmark run);
+* one runner that trains any method through :class:`grin_peft.trainer.UnlearningTrainer` (full-parameter, LoRA or
+  GRIN delta), so every method sees the same objective, hyper-parameters, steps and forget/retain pairing;
+* SSD (Foster et al. 2024), which does not train and so is a plain function;
+* environment recording, JSON/markdown writers and the forget-quality/utility plot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+from grin_peft.data import IGNORE_INDEX, QACollator, QAFormat  # noqa: E402
+
+COMPLETE_MARKER = "complete.json"
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op threads (None: leave them); return the number in use.
+
+    Tiny models train much faster on ONE thread on a busy 2-core machine: two threads spin waiting for each other
+    on matrices too small to split (measured 10-50x slower), so the CPU protocol pins 1 and records it.
+    """
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts that a benchmark number depends on, for the JSON output."""
+    import peft
+    import scipy
+    import transformers
+
+    import grin_peft
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "scipy": scipy.__version__,
+        "grin_peft": grin_peft.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 of the files' bytes (in order): cache keys change when the data does."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def settings_key(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_root(sub: str) -> Path:
+    """``$XDG_CACHE_HOME/grin_peft/<sub>`` (default ``~/.cache/grin_peft/<sub>``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grin_peft" / sub
+
+
+def cached_dir(final: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any], bool]:
+    """Return ``(directory, info, built_now)`` for a cache entry, building it first when missing.
+
+    ``build(staging)`` writes everything into a temporary sibling and returns the info stored in the completion
+    marker; the directory is moved into place with one ``os.replace``, so an interrupted run never leaves an entry
+    that looks complete (an entry without its marker is rebuilt), and two processes building the same entry keep
+    whichever finished first.
+    """
+    marker = final / COMPLETE_MARKER
+    if marker.is_file():
+        return final, json.loads(marker.read_text(encoding="utf-8")), False
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        info = build(staging)
+        (staging / COMPLETE_MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if not marker.is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final, json.loads(marker.read_text(encoding="utf-8")), True
+
+
+# ------------------------------------------------------------------------------------------------ memorisation
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator, group: int = 16
+) -> list[list[int]]:
+    """Shuffled batches of similar-length examples: shuffle, sort within windows of ``group`` batches, shuffle the
+    batches. Every example appears once per epoch; padding drops from ~35% to a few % on TOFU."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * group
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+@torch.no_grad()
+def mean_answer_nll(
+    model: nn.Module, encoded: Sequence[Mapping[str, list[int]]], collator: QACollator, batch_size: int = 64
+) -> list[float]:
+    """Per-example mean answer-token NLL (float32), batched by length."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    out = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collator([encoded[i] for i in rows]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        mask = labels != IGNORE_INDEX
+        for row, value in zip(rows, ((nll * mask).sum(1) / mask.sum(1)).tolist()):
+            out[row] = value
+    model.train(was_training)
+    return out
+
+
+def memorise(
+    model: nn.Module,
+    qa_format: QAFormat,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    bf16: bool = True,
+    warmup_ratio: float = 0.05,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model`` in place on the items' answers (loss on answer tokens only, the format every metric scores).
+
+    AdamW (no weight decay), linear warm-up then cosine decay, gradient clipping at 1, bf16 autocast on CPU (1.7-2.6x
+    faster than fp32 for these sizes), length-grouped batches reshuffled each epoch from ``seed``. Returns the final
+    mean answer NLL and timings.
+    """
+    encoded = [qa_format.encode(item["question"], item["answer"]) for item in items]
+    collator = QACollator.from_tokenizer(qa_format)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [len(e["input_ids"]) for e in encoded]
+    steps_per_epoch = math.ceil(len(encoded) / batch_size)
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(warmup_ratio * total), total)
+    autocast = bf16  # CPU and CUDA alike
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        epoch_loss, seen = 0.0, 0
+        for rows in length_grouped_batches(lengths, batch_size, generator):
+            batch = {k: v.to(device) for k, v in collator([encoded[i] for i in rows]).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            epoch_loss += loss.item() * len(rows)
+            seen += len(rows)
+        log(f"  epoch {epoch + 1}/{epochs}: loss {epoch_loss / seen:.4f} ({time.perf_counter() - started:.0f} s)")
+    model.eval()
+    nll = mean_answer_nll(model, encoded, collator)
+    return {
+        "train_answer_nll": float(np.mean(nll)),
+        "train_seconds": time.perf_counter() - started,
+        "steps": total,
+        "num_items": len(encoded),
+        "num_tokens": int(sum(lengths)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ methods
+
+
+@dataclass
+class Method:
+    """One row of a benchmark table: how the model is adapted and trained.
+
+    ``kind``: ``"none"`` (evaluate as is), ``"full"`` (all weights trained; reference = a frozen copy), ``"lora"``
+    (PEFT LoRA), ``"grin"`` (a GRIN sparse delta, ``grin`` holds GrinConfig fields), ``"ssd"`` (selective synaptic
+    dampening, no training). ``objective`` and ``lr`` feed :class:`UnlearningArguments`.
+    """
+
+    name: str
+    kind: str
+    objective: str | None = None
+    lr: float | None = None
+    grin: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    ssd: dict[str, Any] = field(default_factory=dict)
+    group: str = "main"
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "objective": self.objective, "lr": self.lr, "group": self.group}
+        for key in ("grin", "lora", "ssd"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' progress bars and info logs inside a benchmark loop."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def count_trainable(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def run_method(
+    method: Method,
+    make_base: Callable[[], nn.Module],
+    qa_format: QAFormat,
+    forget: Sequence[Mapping[str, Any]],
+    retain: Sequence[Mapping[str, Any]],
+    *,
+    train: Mapping[str, Any],
+    ssd_data: Sequence[Mapping[str, Any]] | None = None,
+    workdir: str,
+    localize_retain: Sequence[Mapping[str, Any]] | None = None,
+    localize_batch_size: int = 8,
+    log: Callable[[str], None] = print,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply ``method`` to a fresh copy of the target (``make_base()``); return the model to evaluate and its cost.
+
+    ``train`` holds the :class:`UnlearningArguments` shared by every trained method (epochs, batch size, seed,
+    threads, bf16...); only ``objective`` and ``learning_rate`` come from the method. The returned info has
+    ``trainable_entries`` (weights that may change), ``wall_seconds`` (localisation/dampening + training, not
+    evaluation) and the stage timings.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from grin_peft import GrinConfig
+    from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+
+    started = time.perf_counter()
+    model = make_base()
+    info: dict[str, Any] = {"timings": {}}
+    if method.kind == "none":
+        info.update(trainable_entries=0, wall_seconds=0.0)
+        return model, info
+    if method.kind == "ssd":
+        ssd_info = ssd_dampen(model, qa_format, forget, ssd_data or retain, **method.ssd)
+        info.update(ssd_info)
+        info["wall_seconds"] = time.perf_counter() - started
+        return model, info
+
+    ref_model = None
+    if method.kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+        ref_model = make_base  # a frozen second copy, built only when the objective reads a reference
+        trained: nn.Module = model
+    elif method.kind == "lora":
+        options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **method.lora}
+        trained = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
+    elif method.kind == "grin":
+        trained = get_peft_model(model, GrinConfig(**method.grin))
+        if not trained.peft_config["default"].selects_at_injection:
+            t0 = time.perf_counter()
+            report = trained.localize(
+                forget,
+                retain if localize_retain is None else localize_retain,
+                tokenizer=qa_format,
+                batch_size=localize_batch_size,
+                progress=False,
+            )
+            info["timings"]["localize"] = time.perf_counter() - t0
+            info["localization"] = {
+                "mass": report.mass,
+                "budget": report.budget,
+                "notes": report.notes,
+                "module_density": {m.name: m.selected / m.numel for m in report.modules},
+            }
+    else:
+        raise ValueError(f"unknown method kind {method.kind!r}")
+    info["trainable_entries"] = count_trainable(trained)
+    args = UnlearningArguments(
+        output_dir=workdir,
+        objective=method.objective,
+        learning_rate=method.lr,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        logging_steps=10_000,
+        **train,
+    )
+    trainer = UnlearningTrainer(
+        trained, args, forget, retain, qa_format=qa_format, ref_model=ref_model if method.kind == "full" else None
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict once tqdm is off
+    t0 = time.perf_counter()
+    with quiet_transformers():
+        output = trainer.train()
+    info["timings"]["train"] = time.perf_counter() - t0
+    info["train_metrics"] = {k: v for k, v in output.metrics.items() if isinstance(v, int | float)}
+    info["steps"] = int(trainer.state.global_step)
+    info["wall_seconds"] = time.perf_counter() - started
+    trained.eval()
+    return trained, info
+
+
+# ------------------------------------------------------------------------------------------------ SSD
+
+
+def _fisher(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    encoded: Sequence[Mapping[str, list[int]]],
+    collator: QACollator,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """SSD's importance: the mean over mini-batches of the squared mini-batch gradient of the loss (its code's
+    ``calc_importance``: ``imp += grad ** 2`` per batch, divided by the number of batches)."""
+    device = next(model.parameters()).device
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    batches = 0
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collator(list(encoded[start : start + batch_size])).items()}
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for name, p in params.items():
+            fisher[name] += p.grad.detach().float().pow(2)
+        batches += 1
+    model.zero_grad(set_to_none=True)
+    return {name: f / batches for name, f in fisher.items()}
+
+
+def ssd_dampen(
+    model: nn.Module,
+    qa_format: QAFormat,
+    forget: Sequence[Mapping[str, Any]],
+    full: Sequence[Mapping[str, Any]],
+    *,
+    alpha: float = 10.0,
+    lam: float = 1.0,
+    batch_size: int = 8,
+    targets: str = "all",
+) -> dict[str, Any]:
+    """Selective Synaptic Dampening (Foster et al., AAAI 2024), in place; no training.
+
+    With ``F_D``/``F_f`` the diagonal Fisher importances on the full training data and on the forget set, every
+    weight where ``F_f > alpha * F_D`` is multiplied by ``beta = min(lam * F_D / F_f, 1)``; all others are left
+    alone. ``targets="all"`` dampens every parameter (the paper's setting), ``"linear"`` only the weights GRIN
+    targets (every Linear but the output head). Defaults are the paper's (alpha 10, lambda 1).
+    """
+    collator = QACollator.from_tokenizer(qa_format)
+    if targets == "linear":
+        names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n}
+        params = {n: p for n, p in model.named_parameters() if n in names}
+    else:
+        params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    enc = lambda items: [qa_format.encode(i["question"], i["answer"]) for i in items]  # noqa: E731
+    f_forget = _fisher(model, params, enc(forget), collator, batch_size)
+    f_full = _fisher(model, params, enc(full), collator, batch_size)
+    selected = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            mask = f_forget[name] > alpha * f_full[name]
+            beta = torch.clamp(lam * f_full[name] / f_forget[name].clamp_min(1e-30), max=1.0)
+            p.mul_(torch.where(mask, beta, torch.ones_like(beta)).to(p.dtype))
+            selected += int(mask.sum())
+            p.requires_grad_(False)
+    model.train(was_training)
+    return {
+        "trainable_entries": selected,
+        "ssd_dampened_entries": selected,
+        "ssd_candidate_entries": int(sum(p.numel() for p in params.values())),
+        "timings": {"fisher_and_dampen": time.perf_counter() - t0},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def fmt_num(value: Any, kind: str = "g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    if kind == "e":
+        return f"{value:.2e}"
+    if kind == "s":
+        return f"{value:.0f}"
+    return f"{value:.3f}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns`` = (key, header, number format: g/e/s)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt_num(row.get(k), f) for k, _, f in columns) + " |")
+    return "\n".join(lines)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: how busy the machine was (timings on a shared 2-core box vary several-fold)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats with None and numpy scalars with Python numbers (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

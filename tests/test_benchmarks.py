@@ -1,0 +1,187 @@
+"""Smoke runs of the unlearning benchmarks and the pieces they add (full-parameter training, SSD).
+
+The TOFU smoke run uses a TOFU-format folder written from the synthetic generator, so it runs anywhere, offline,
+without the real data; the hazard smoke run needs the real WMDP/PKU files and is skipped without them. Both train a
+one-layer model for one epoch on a handful of items and check that every output exists with finite numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grin_peft.data import QAFormat
+from grin_peft.errors import GrinError
+from grin_peft.synthetic import generate_dataset, write_jsonl
+from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
+from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_hazard  # noqa: E402
+import bench_tofu  # noqa: E402
+import common  # noqa: E402
+
+SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_tofu_like(directory: Path) -> Path:
+    """The TOFU files the benchmark reads (forget10 protocol), in TOFU's format, from the synthetic generator."""
+    ds = generate_dataset(num_people=12, questions_per_person=4, forget_fraction=0.25, num_perturbed=3, seed=0)
+    forget, retain, holdout = ds.forget, ds.retain, ds.holdout
+    authors = retain[:6]
+    splits = {
+        "full": forget + retain,
+        "retain90": retain,
+        "forget10": forget,
+        "forget10_perturbed": forget,
+        "retain_perturbed": retain,
+        "holdout10": holdout,
+        "real_authors": authors,
+        "real_authors_perturbed": authors,
+        "world_facts": authors,
+        "world_facts_perturbed": authors,
+    }
+    directory.mkdir(parents=True)
+    for name, items in splits.items():
+        write_jsonl(items, directory / f"{name}.json")
+    return directory
+
+
+def assert_finite_numbers(summary: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = summary[key]
+        assert isinstance(value, float | int) and math.isfinite(value), (key, value)
+
+
+def test_tofu_smoke_run_writes_every_output(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    report = bench_tofu.main(argv)
+    for suffix in ("json", "md", "png"):
+        assert (out / f"tofu_smoke.{suffix}").is_file()
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert saved["settings"]["forget"] == "forget10" and saved["environment"]["torch_threads"] == 1
+    assert {"settings", "target", "reference"} <= set(saved["models"])
+    methods = {row["method"]: row for row in saved["results"]}
+    kinds = {row["config"]["kind"] for row in saved["results"] if "config" in row}
+    assert kinds == {"none", "full", "lora", "ssd", "grin"}
+    assert not [row for row in saved["results"] if row.get("error")]
+    for name, row in methods.items():
+        assert_finite_numbers(row["summary"], list(bench_tofu.SUMMARY_KEYS) + ["privleak_mink"])
+        if row["group"] != "reference":
+            assert row["cost"]["trainable_entries"] >= 0 and row["cost"]["wall_seconds"] >= 0, name
+    grin = methods["GRIN 1% NPO"]
+    assert grin["cost"]["trainable_entries"] > 0 and "localization" in grin
+    assert methods["full NPO"]["cost"]["trainable_entries"] > methods["LoRA r=8 NPO"]["cost"]["trainable_entries"]
+    assert report["results"][0]["summary"]["forget_quality"] == 1.0  # the reference against itself
+    table = (out / "tofu_smoke.md").read_text()
+    assert "| method | forget quality | model utility |" in table and "GRIN 1% NPO" in table
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wmdp").is_dir(), reason="needs the WMDP/PKU files in ../shared/data")
+def test_hazard_smoke_run_writes_both_tasks(tmp_path):
+    out = tmp_path / "out"
+    bench_hazard.main(
+        ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--methods", "before,GRIN 1% NPO"]
+    )
+    saved = json.loads((out / "hazard_smoke.json").read_text())
+    assert {row["task"] for row in saved["results"]} == {"wmdp", "pku"}
+    for row in saved["results"]:
+        assert "error" not in row
+        keys = ["general_mcq_accuracy", "general_probability"]
+        keys += (
+            ["wmdp_forget_accuracy", "wmdp_heldout_accuracy"]
+            if row["task"] == "wmdp"
+            else ["unsafe_forget_probability"]
+        )
+        assert_finite_numbers(row["summary"], keys)
+    assert "WMDP" in (out / "hazard_smoke.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ full-parameter
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    texts = [f"Question: What is item {i}?\nAnswer: Item {i} is a thing number {i * 7}." for i in range(40)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    items = [{"question": f"What is item {i}?", "answer": f"Item {i} is a thing number {i * 7}."} for i in range(16)]
+    return model, QAFormat(tokenizer), items[:8], items[8:]
+
+
+def full_args(tmp_path, objective: str) -> UnlearningArguments:
+    return UnlearningArguments(
+        output_dir=str(tmp_path / "out"),
+        objective=objective,
+        use_cpu=True,
+        num_threads=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+    )
+
+
+def test_full_parameter_training_needs_no_reference_for_grad_diff(tiny, tmp_path):
+    base, fmt, forget, retain = tiny
+    model = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    trainer = UnlearningTrainer(
+        model, full_args(tmp_path, "grad_diff"), forget, retain, qa_format=fmt, ref_model=lambda: calls.append(1)
+    )
+    trainer.train()
+    assert not calls and trainer.ref_model is None  # GradDiff reads no reference: the factory is never called
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)  # every weight is trained
+
+
+def test_full_parameter_npo_uses_the_frozen_reference(tiny, tmp_path):
+    base, fmt, forget, retain = tiny
+    with pytest.raises(GrinError, match="ref_model"):
+        UnlearningTrainer(copy.deepcopy(base), full_args(tmp_path, "npo"), forget, retain, qa_format=fmt)
+    model, reference = copy.deepcopy(base), copy.deepcopy(base)
+    trainer = UnlearningTrainer(model, full_args(tmp_path, "npo"), forget, retain, qa_format=fmt, ref_model=reference)
+    metrics = trainer.train().metrics
+    assert trainer.ref_model is reference and not any(p.requires_grad for p in reference.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), base.parameters()))  # never trained
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+    # at the first step the model equals its reference, so NPO's log-ratio starts at 0 and moves away from it
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_forget_log_ratio"] != 0
+    with pytest.raises(GrinError, match="separate"):
+        UnlearningTrainer(model, full_args(tmp_path, "npo"), forget, retain, qa_format=fmt, ref_model=model)
+
+
+def test_ssd_dampens_only_forget_specific_weights(tiny):
+    base, fmt, forget, retain = tiny
+    model = copy.deepcopy(base)
+    info = common.ssd_dampen(model, fmt, forget, forget + retain, alpha=1.0, lam=1.0)
+    assert 0 < info["ssd_dampened_entries"] < info["ssd_candidate_entries"]
+    ratios = torch.cat(
+        [
+            (p.detach() / q.detach()).flatten()[q.detach().flatten() != 0]
+            for p, q in zip(model.parameters(), base.parameters())
+        ]
+    )
+    assert bool((ratios <= 1 + 1e-6).all()) and bool((ratios >= 0).all())  # only ever shrunk, never flipped
+    assert int((ratios < 1 - 1e-6).sum()) <= info["ssd_dampened_entries"]
