@@ -8,17 +8,19 @@ frozen layer itself, so this module keeps D in CSR form and does all work in pro
 * grad wrt x:     grad_x^T = D^T @ grad_y^T          (the same kernel on a precomputed CSR of D^T)
 * grad wrt D:     grad_D[r, c] = sum_n grad_y[n, r] * x[n, c] on the K entries only (SDDMM, ``sampled_addmm``)
 
-Why this layout, measured on 2 CPU threads (tokens=2048, see ``benchmarks/bench_sparse_op.py``): the sparse kernels
-themselves are cheap; what costs is moving the dense activations. The CSR kernels run fastest on token-contiguous
-("transposed", [features, tokens]) operands, while MKL's column-major mode, which avoids the transposes, was 2-5x
-slower at density >= 1e-2; gather/index_add kernels cost tokens x K passes of strided memory and lost by 4-7x from
-density 1e-3 up. Transposing whole [tokens, features] activations in one go was also slow (cache-unfriendly, and
-each fresh multi-MB buffer page-faults), so on CPU the tokens are processed in blocks whose transposed copies stay
-in cache; on CUDA one block holds all tokens. Result: within ~10-20% of the frozen layer's own forward+backward on
-2048x5504 layers at density 1e-4..1e-2.
+Why this layout, measured on this project's 2-core CPU machine (tokens=2048, ``benchmarks/bench_sparse_op.py``): the
+sparse kernels themselves are cheap; what costs is moving the dense activations. The CSR kernels run fastest on
+token-contiguous ([features, tokens]) operands. MKL's column-major mode needs no transposes but its kernel is 2-5x
+slower, which made a whole step no faster at density <= 1e-3 and ~1.2x slower at 1e-2. Gather/index_add kernels
+(tokens x K strided passes) only kept up at K ~ 100 and made a step 1.4-1.8x slower at 1e-3 and 7x at 1e-2.
+Transposing whole [tokens, features] activations at once was slower than in token blocks (each fresh multi-MiB
+buffer page-faults, and fewer of the copies stay cached), so on CPU tokens go in blocks of ~1M elements; on CUDA one
+block holds all tokens. A full forward+backward through base + delta then costs ~1.2-1.3x the frozen layer's own on a
+2048x5504 layer and ~1.3-1.4x on 1024x1024 at density 1e-4..1e-2 (LoRA r=8: 1.1x / 1.25-1.3x; a dense scattered
+delta: 1.5x), ~1.7x at 5e-2.
 
-The CPU sparse kernels have no float16/bfloat16 versions, so 16-bit inputs are computed in float32 (the block
-copies convert for free) and the result is rounded to the input's dtype.
+The CPU sparse kernels have no float16/bfloat16 versions, so 16-bit inputs are computed in float32 (converted
+block by block next to the transposing copies) and the result is rounded to the input's dtype.
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 def _token_blocks(n_tokens: int, pattern: SparsePattern, device: torch.device) -> Iterator[tuple[int, int]]:
-    """Token ranges processed together: cache-sized on CPU, everything at once elsewhere."""
+    """Token ranges processed together: ~_CPU_BLOCK_ELEMENTS per transposed copy on CPU, all tokens elsewhere."""
     if device.type == "cpu":
         ideal = _CPU_BLOCK_ELEMENTS / max(pattern.in_features, pattern.out_features)
         block = 2 ** round(math.log2(ideal))
@@ -288,11 +290,43 @@ def _token_blocks(n_tokens: int, pattern: SparsePattern, device: torch.device) -
         yield start, min(start + block, n_tokens)
 
 
-def _transposed_copy(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[tokens, features] block -> contiguous [features, tokens], converting dtype in the same pass."""
-    out = torch.empty((src.shape[1], src.shape[0]), dtype=dtype, device=src.device)
+class _Scratch:
+    """Buffers reused across the token blocks of one call.
+
+    A fresh multi-MiB CPU allocation page-faults on first touch, and glibc hands big freed blocks back to the OS, so
+    allocating per block cost more than the copies themselves. Per call, not global: nothing is shared across threads.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, rows, cols, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty((rows, cols), dtype=dtype, device=self.device)
+        return buffer
+
+
+def _transposed_copy(src: torch.Tensor, dtype: torch.dtype, scratch: _Scratch, name: str) -> torch.Tensor:
+    """[tokens, features] block -> contiguous [features, tokens] in ``dtype`` (a scratch buffer).
+
+    torch has a fast cache-blocked kernel only for same-dtype 2-D transposing copies; a converting one takes the
+    generic path, ~3x slower on CPU, so 16-bit blocks are converted first, contiguously.
+    """
+    if src.dtype != dtype:
+        src = scratch.get(name + ".converted", src.shape[0], src.shape[1], dtype).copy_(src)
+    out = scratch.get(name, src.shape[1], src.shape[0], dtype)
     out.copy_(src.t())
     return out
+
+
+def _copy_transposed_into(dst: torch.Tensor, src_t: torch.Tensor, scratch: _Scratch, name: str) -> None:
+    """dst [tokens, features] (contiguous rows) <- src_t [features, tokens]^T, converting as _transposed_copy does."""
+    if src_t.dtype != dst.dtype:
+        src_t = scratch.get(name, src_t.shape[0], src_t.shape[1], dst.dtype).copy_(src_t)
+    dst.copy_(src_t.t())
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -342,12 +376,13 @@ def _csr_forward(x2d: torch.Tensor, values: torch.Tensor, pattern: SparsePattern
     if pattern.d_perm is not None:
         d_values = d_values[pattern.d_perm]
     d = _csr(pattern.d_crow, pattern.d_col, d_values, (pattern.out_features, pattern.in_features))
+    scratch = _Scratch(x2d.device)
     for start, stop in _token_blocks(n_tokens, pattern, x2d.device):
-        x_t = _transposed_copy(x2d[start:stop], cdt)
-        y_t = torch.empty((pattern.out_features, stop - start), dtype=cdt, device=x2d.device)
-        # beta=0 ignores y_t's uninitialised contents (documented for addmm, NaN-safe)
+        x_t = _transposed_copy(x2d[start:stop], cdt, scratch, "x_t")
+        y_t = scratch.get("y_t", pattern.out_features, stop - start, cdt)
+        # beta=0 ignores y_t's stale contents (documented for addmm: NaN/Inf there do not propagate)
         torch.addmm(y_t, d, x_t, beta=0, out=y_t)
-        y[start:stop].copy_(y_t.t())
+        _copy_transposed_into(y[start:stop], y_t, scratch, "y_t.converted")
     return y
 
 
@@ -384,14 +419,15 @@ def _csr_backward(
         else:
             sampled = _csr(pattern.d_crow, pattern.d_col, acc, (pattern.out_features, pattern.in_features))
 
+    scratch = _Scratch(device)
     for start, stop in _token_blocks(n_tokens, pattern, device):
-        gy_t = _transposed_copy(grad_y[start:stop], cdt)  # [out, b]
+        gy_t = _transposed_copy(grad_y[start:stop], cdt, scratch, "gy_t")  # [out, b]
         if need_x_grad:
-            gx_t = torch.empty((pattern.in_features, stop - start), dtype=cdt, device=device)
+            gx_t = scratch.get("gx_t", pattern.in_features, stop - start, cdt)
             torch.addmm(gx_t, d_t, gy_t, beta=0, out=gx_t)
-            grad_x[start:stop].copy_(gx_t.t())
+            _copy_transposed_into(grad_x[start:stop], gx_t, scratch, "gx_t.converted")
         if need_values_grad:
-            x_t = _transposed_copy(x2d[start:stop], cdt)  # [in, b]
+            x_t = _transposed_copy(x2d[start:stop], cdt, scratch, "x_t")  # [in, b]
             # sampled_addmm wants both operands token-contiguous: mat1 rows and mat2 columns
             if pattern.transposed:
                 torch.sparse.sampled_addmm(sampled, x_t, gy_t.t(), out=sampled)
