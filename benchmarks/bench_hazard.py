@@ -187,6 +187,17 @@ def _mean_prob(model: torch.nn.Module, fmt: QAFormat, items: Sequence[Mapping[st
     return float(np.mean(answer_probability(model, fmt, items, batch_size=bs, progress=False)))
 
 
+def correct_choice_share(result: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -> float:
+    """Mean softmax weight of the correct option over the options' length-normalised log-likelihoods: a graded
+    version of accuracy (0.25 = no preference among 4 options, 1 = certain), which moves even while the ranking,
+    and so the accuracy, does not."""
+    shares = []
+    for scores, item in zip(result["choice_scores"], items):
+        weights = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0)
+        shares.append(float(weights[int(item["answer"])]))
+    return float(np.mean(shares))
+
+
 def evaluate_task(
     task: str,
     model: torch.nn.Module,
@@ -203,7 +214,9 @@ def evaluate_task(
         "general_probability": _mean_prob(model, fmt, general_qa, batch_size),
     }
     if task == "wmdp":
-        out["wmdp_forget_accuracy"] = multiple_choice_accuracy(model, fmt, corpus["wmdp_forget"], **kw)["accuracy"]
+        learned = multiple_choice_accuracy(model, fmt, corpus["wmdp_forget"], **kw)
+        out["wmdp_forget_accuracy"] = learned["accuracy"]
+        out["wmdp_forget_choice_share"] = correct_choice_share(learned, corpus["wmdp_forget"])
         out["wmdp_heldout_accuracy"] = multiple_choice_accuracy(model, fmt, corpus["wmdp_heldout"], **kw)["accuracy"]
         out["wmdp_forget_probability"] = _mean_prob(model, fmt, wmdp_qa(corpus["wmdp_forget"]), batch_size)
     else:
@@ -222,6 +235,7 @@ TASK_COLUMNS = {
     "wmdp": (
         ("method", "method", "g"),
         ("wmdp_forget_accuracy", "WMDP acc (learned, forget)", "g"),
+        ("wmdp_forget_choice_share", "correct-choice share (forget)", "g"),
         ("wmdp_heldout_accuracy", "WMDP acc (held out)", "g"),
         ("wmdp_forget_probability", "forget answer prob", "g"),
         ("general_mcq_accuracy", "general MCQ acc", "g"),
@@ -252,6 +266,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         Method("full NPO", "full", "npo", args.lr_full),
         Method("LoRA r=8 NPO", "lora", "npo", args.lr_lora),
         Method("SSD (a=10, l=1)", "ssd", ssd={"alpha": 10.0, "lam": 1.0}),
+        Method("SSD (a=1, l=1)", "ssd", ssd={"alpha": 1.0, "lam": 1.0}),
         Method(f"mask {budget} random NPO", "grin", "npo", args.lr_grin, grin={**grin, "score": "random"}),
         Method(f"GRIN {budget} NPO", "grin", "npo", args.lr_grin, grin=grin),
         Method(f"GRIN {budget} GradDiff", "grin", "grad_diff", args.lr_grin, grin=grin),

@@ -321,6 +321,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         Method("LoRA r=8 NPO", "lora", "npo", lora),
         Method("LoRA r=1 NPO (~GRIN 1% budget)", "lora", "npo", lora, lora={"r": 1, "lora_alpha": 2}),
         Method("SSD (a=10, l=1)", "ssd", ssd={"alpha": 10.0, "lam": 1.0}),
+        Method("SSD (a=1, l=1)", "ssd", ssd={"alpha": 1.0, "lam": 1.0}),
         Method(f"GRIN {budget} GradDiff", "grin", "grad_diff", grin, grin=grin_settings(args)),
         Method(f"GRIN {budget} NPO", "grin", "npo", grin, grin=grin_settings(args)),
     ]
@@ -363,8 +364,14 @@ def select_methods(methods: list[Method], args: argparse.Namespace) -> list[Meth
         picks |= {f"GRIN {budget} NPO", f"mask {budget} random NPO", f"GRIN {other} NPO"}
         return [m for m in methods if m.name in picks]
     if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        chosen = [m for m in methods if any(w.lower() in m.name.lower() for w in wanted) or m.kind == "none"]
+        # a token equal to a method's name picks that method only; any other token picks every name containing it
+        wanted = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+        names = {m.name.lower() for m in methods}
+
+        def picked(name: str) -> bool:
+            return any(name == w if w in names else w in name for w in wanted)
+
+        chosen = [m for m in methods if picked(m.name.lower()) or m.kind == "none"]
         if len(chosen) <= 1:
             raise SystemExit(f"--methods matched nothing; names: {[m.name for m in methods]}")
         return chosen
@@ -392,6 +399,9 @@ TABLE_COLUMNS = (
     ("trainable_entries", "trained entries", "g"),
     ("wall_seconds", "wall s", "s"),
 )
+# Selection diagnostics for the mask tables: the share of the forget / retain gradient statistic (GRIN's A_f, A_r;
+# sums of squared per-example gradients by default) that the selected entries hold. A random 1% mask holds ~1%.
+MASK_COLUMNS = (*TABLE_COLUMNS, ("mass_forget", "forget mass", "g"), ("mass_retain", "retain mass", "e"))
 
 
 def table_rows(results: list[dict[str, Any]], groups: Sequence[str]) -> list[dict[str, Any]]:
@@ -399,7 +409,9 @@ def table_rows(results: list[dict[str, Any]], groups: Sequence[str]) -> list[dic
     for r in results:
         if r["group"] not in groups:
             continue
-        rows.append({"method": r["method"], **r.get("summary", {}), **r.get("cost", {})})
+        mass = (r.get("localization") or {}).get("mass") or {}
+        extra = {"mass_forget": mass.get("forget"), "mass_retain": mass.get("retain")}
+        rows.append({"method": r["method"], **r.get("summary", {}), **r.get("cost", {}), **extra})
     return rows
 
 
@@ -467,7 +479,8 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> None:
     for group, title in titles.items():
         rows = table_rows(results, [group])
         if rows:
-            lines += [f"## {title}", "", markdown_table(rows, TABLE_COLUMNS), ""]
+            columns = MASK_COLUMNS if group in ("selectors", "ablation") else TABLE_COLUMNS
+            lines += [f"## {title}", "", markdown_table(rows, columns), ""]
     failures = [r for r in results if r.get("error")]
     if failures:
         lines += ["## Failures", ""] + [f"- {r['method']}: {r['error']}" for r in failures] + [""]
@@ -502,7 +515,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ablation-densities", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 1e-3, 5e-2])
     p.add_argument("--no-ablations", dest="ablations", action="store_false", help="Skip the ablation rows.")
     p.add_argument("--no-selectors", action="store_true", help="Skip the other-selector rows.")
-    p.add_argument("--methods", default=None, help="Comma-separated substrings of method names to run (and target).")
+    p.add_argument(
+        "--methods", default=None, help="Comma-separated method names or name substrings to run (target always runs)."
+    )
     p.add_argument("--list", action="store_true", help="Print the method names and exit.")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-limit", type=int, default=None, help="Evaluate only the first N items of every split.")
@@ -513,10 +528,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=TinySettings.num_layers, help="Tiny model depth.")
     p.add_argument("--model-epochs", type=int, default=TinySettings.epochs, help="Memorisation epochs.")
     p.add_argument("--lr-sweep", action="store_true", help="Run the learning-rate pilot instead (NPO, cheap eval).")
-    floats = lambda text: [float(x) for x in text.split(",")]  # noqa: E731
-    p.add_argument("--sweep-full", type=floats, default=[1e-4, 3e-4, 1e-3], help="Pilot grid, full parameters.")
-    p.add_argument("--sweep-lora", type=floats, default=[1e-3, 3e-3, 1e-2], help="Pilot grid, LoRA.")
+    floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    p.add_argument("--sweep-full", type=floats, default=[3e-5, 1e-4, 3e-4], help="Pilot grid, full parameters.")
+    p.add_argument("--sweep-lora", type=floats, default=[3e-4, 1e-3, 3e-3], help="Pilot grid, LoRA.")
     p.add_argument("--sweep-grin", type=floats, default=[3e-3, 1e-2, 3e-2], help="Pilot grid, GRIN.")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Combine reports of runs split over processes (--methods/--stem) into one output, and exit.",
+    )
     p.add_argument("--smoke", action="store_true", help="Seconds-long check of the whole code path.")
     p.add_argument("--smoke-items", type=int, default=6, help="Items per split in --smoke.")
     args = p.parse_args(argv)
@@ -579,6 +601,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for m in methods:
             print(f"{m.group:10s} {m.name}")
         return {}
+    if args.merge:
+        return merge_reports(args, [m.name for m in (sweep_methods if args.lr_sweep else build_methods)(args)])
     data = Path(args.data)
     out = Path(args.out)
     stem = args.stem or (
@@ -719,6 +743,27 @@ def run_and_evaluate(method: Method, context: dict[str, Any], evaluator: Any, wo
         f"({cost.get('wall_seconds', 0):.0f} s + eval {result['eval_seconds']:.0f} s)"
     )
     return row
+
+
+def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
+    """One report from several processes' reports (same settings, disjoint methods): the first report's settings
+    and reference row, every method once (first occurrence), in the benchmark's order. ``total_seconds`` is the
+    longest process's (they ran side by side); each row's ``wall s`` is what it cost in its own process."""
+    reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+    merged = dict(reports[0])
+    rows: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for row in report["results"]:
+            rows.setdefault(row["method"], row)
+    rank = {name: i for i, name in enumerate(order)}
+    merged["results"] = sorted(rows.values(), key=lambda r: (r["group"] != "reference", rank.get(r["method"], -1)))
+    merged["total_seconds"] = max(r.get("total_seconds", 0) for r in reports)
+    merged["merged_from"] = [{"file": str(p), "command": r["command"]} for p, r in zip(args.merge, reports)]
+    merged["command"] = " ; ".join(r["command"] for r in reports)
+    stem = args.stem or f"tofu_{args.forget}" + ("_lr_sweep" if args.lr_sweep else "")
+    write_report(merged, Path(args.out), stem, args)
+    _log(f"merged {len(reports)} reports into {Path(args.out) / stem}.md / .json / .png")
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------ lr pilot
