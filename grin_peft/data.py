@@ -268,11 +268,14 @@ def resolve_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
-def read_jsonl(path: str | os.PathLike[str], required: Iterable[str] = ()) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | os.PathLike[str], required: Iterable[str] = (), allow_empty: bool = False
+) -> list[dict[str, Any]]:
     """Read a JSON Lines file of objects (blank lines skipped), checking that each has the ``required`` fields.
 
     TOFU ships JSON Lines under a ``.json`` name, so the extension is not trusted. Every error names the file and,
-    for a bad record, its 1-based line number.
+    for a bad record, its 1-based line number. An empty file is an error unless ``allow_empty`` (a split that may
+    legitimately be empty, such as a small synthetic holdout).
     """
     path = Path(path)
     if not path.is_file():
@@ -293,7 +296,7 @@ def read_jsonl(path: str | os.PathLike[str], required: Iterable[str] = ()) -> li
             if missing:
                 raise GrinError(f"{path}: line {line_no} lacks field(s) {missing}; it has {sorted(row)}.")
             rows.append(row)
-    if not rows:
+    if not rows and not allow_empty:
         raise GrinError(f"{path}: the file holds no records.")
     return rows
 

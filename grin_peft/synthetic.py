@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import read_jsonl
 from .errors import GrinError
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "SyntheticDataset",
     "generate_dataset",
     "load_splits",
-    "read_jsonl",
     "save_splits",
     "write_jsonl",
 ]
@@ -374,31 +374,6 @@ def write_jsonl(items: Iterable[Mapping[str, Any]], path: str | Path) -> None:
             handle.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON Lines file of objects; blank lines are skipped.
-
-    Raises:
-        GrinError: if the file is missing or a line is not a JSON object (naming the line).
-    """
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except FileNotFoundError as error:
-        raise GrinError(f"no such JSON Lines file: {path}") from error
-    items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise GrinError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-        if not isinstance(item, dict):
-            raise GrinError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
-        items.append(item)
-    return items
-
-
 def save_splits(dataset: SyntheticDataset, directory: str | Path) -> None:
     """Write ``forget.jsonl``, ``retain.jsonl``, ``holdout.jsonl``, ``people.jsonl`` and ``refusals.txt``.
 
@@ -419,7 +394,7 @@ def load_splits(directory: str | Path) -> SyntheticDataset:
         GrinError: if a file is missing or malformed.
     """
     directory = Path(directory)
-    splits = {split: read_jsonl(directory / f"{split}.jsonl") for split in _SPLITS}
+    splits = {split: read_jsonl(directory / f"{split}.jsonl", allow_empty=True) for split in _SPLITS}
     refusals_path = directory / "refusals.txt"
     if not refusals_path.is_file():
         raise GrinError(f"no refusals file: {refusals_path}")

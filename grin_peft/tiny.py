@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from transformers.utils import logging as transformers_logging
 
 from . import __version__
+from .data import DEFAULT_TEMPLATE, IGNORE_INDEX, QAFormat
 from .errors import GrinError
 from .synthetic import SyntheticDataset, generate_dataset, load_splits, save_splits
 
@@ -49,8 +50,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-# The plain TOFU-style prompt; the answer follows after one space and ends with eos.
-_QA_PROMPT = "Question: {question}\nAnswer:"
 _COMPLETE_MARKER = "complete.json"
 _DATA_SUBDIR = "data"
 
@@ -126,15 +125,17 @@ def build_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
 
 
 def _encode_qa(tokenizer: PreTrainedTokenizerFast, question: str, answer: str | None) -> tuple[list[int], list[int]]:
-    """Prompt ids and answer ids of "Question: {question}\\nAnswer: {answer}" + eos.
+    """Prompt ids and answer ids (eos included) in the package's plain QA layout, :class:`~grin_peft.data.QAFormat`.
 
-    The one place that turns QA pairs into ids; ``answer=None`` gives the generation prompt. Prompt and answer are
-    tokenised separately so the answer's tokens (the only ones trained on) never merge with the prompt's.
+    Training, scoring and generation here go through this one function, so the cached demo model sees exactly the
+    tokens that ``grin-peft unlearn`` and the metrics give it. ``answer=None`` gives the generation prompt.
     """
-    prompt = tokenizer(_QA_PROMPT.format(question=question))["input_ids"]
+    qa_format = QAFormat(tokenizer, chat=False)
     if answer is None:
-        return prompt, []
-    return prompt, tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return qa_format.encode_prompt(question), []
+    encoded = qa_format.encode(question, answer)
+    start = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
+    return encoded["input_ids"][:start], encoded["input_ids"][start:]
 
 
 def _qa_batch(
@@ -341,7 +342,7 @@ def _tokenizer_corpus(dataset: SyntheticDataset) -> list[str]:
     """All text the demo will tokenise, with prompts in their trained format so the template's words merge."""
     texts = list(dataset.refusals)
     for item in dataset.forget + dataset.retain + dataset.holdout:
-        texts.append(f"{_QA_PROMPT.format(question=item['question'])} {item['answer']}")
+        texts.append(DEFAULT_TEMPLATE.format(question=item["question"], answer=item["answer"]))
         texts += [item["paraphrased_question"], item["paraphrased_answer"], *item["perturbed_answer"]]
     return texts
 

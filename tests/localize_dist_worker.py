@@ -64,7 +64,8 @@ def main(workdir: str, rank: int, world: int) -> None:
         model = planted_model()
         model.load_state_dict(state)
         unit = options.pop("grad_unit", None)
-        config = GrinConfig(target_modules="all-linear", **options)
+        # eps pinned as in test_localize.grin(), so both sides use the same settings whatever the default
+        config = GrinConfig(target_modules="all-linear", **{"eps": 0.01, **options})
         if unit is not None:
             config.grad_unit = unit
         peft_model = get_peft_model(model, config)

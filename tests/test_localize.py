@@ -302,6 +302,7 @@ def test_two_gloo_processes_select_exactly_what_one_process_selects(planted, tmp
     model, forget, retain = planted
     configs = [
         dict(density=0.02),
+        dict(density=0.02, eps=1.0),
         dict(density=0.02, score="ssd", ssd_alpha=2.0),
         dict(density=0.02, score="wagle"),
         dict(density=0.02, grad_statistic="abs_sum", grad_unit="batch"),

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from grin_peft.data import read_jsonl
 from grin_peft.errors import GrinError
 from grin_peft.synthetic import (
     FACTS,
@@ -14,7 +15,6 @@ from grin_peft.synthetic import (
     SyntheticDataset,
     generate_dataset,
     load_splits,
-    read_jsonl,
     save_splits,
     write_jsonl,
 )
@@ -145,17 +145,18 @@ def test_save_and_load_splits(tmp_path, dataset):
     assert load_splits(tmp_path / "demo") == dataset
 
 
-def test_read_jsonl_reports_bad_input(tmp_path):
-    with pytest.raises(GrinError, match="no such"):
-        read_jsonl(tmp_path / "missing.jsonl")
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "q"}\n\n{not json}\n', encoding="utf-8")
-    with pytest.raises(GrinError, match=r"bad.jsonl:3: not valid JSON"):
-        read_jsonl(path)
-    path.write_text('{"question": "q"}\n["a list"]\n', encoding="utf-8")
-    with pytest.raises(GrinError, match=r":2: expected a JSON object"):
-        read_jsonl(path)
-    with pytest.raises(GrinError, match="no such"):
+def test_load_splits_reports_bad_input_and_accepts_an_empty_split(tmp_path):
+    with pytest.raises(GrinError, match="does not exist"):
+        load_splits(tmp_path)
+    dataset = generate_dataset(num_people=4)
+    save_splits(dataset, tmp_path)
+    (tmp_path / "holdout.jsonl").write_text("", encoding="utf-8")
+    assert load_splits(tmp_path).holdout == []
+    (tmp_path / "retain.jsonl").write_text('{"question": "q"}\n\n{not json}\n', encoding="utf-8")
+    with pytest.raises(GrinError, match=r"retain.jsonl: line 3 is not valid JSON"):
+        load_splits(tmp_path)
+    (tmp_path / "retain.jsonl").write_text('{"question": "q"}\n["a list"]\n', encoding="utf-8")
+    with pytest.raises(GrinError, match=r"line 2 is a JSON list, expected an object"):
         load_splits(tmp_path)
 
 
