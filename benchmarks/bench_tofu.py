@@ -47,7 +47,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -113,7 +116,8 @@ class TinySettings:
 
 
 def _log(message: str) -> None:
-    print(message, flush=True)
+    tag = os.environ.get("BENCH_TOFU_WORKER")
+    print(f"[worker {tag}] {message}" if tag else message, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ tiny models
@@ -349,7 +353,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         return Method(name, "grin", sel_obj, grin, grin=grin_settings(args, **override), group="ablation")
 
     ab = f"GRIN {budget} {obj_name}"
-    methods += [ablation(f"{ab}, no noise", noise_std=0.0), ablation(f"{ab}, per-module", selection="per_module")]
+    methods += [ablation(f"{ab} without noise", noise_std=0.0), ablation(f"{ab} per-module", selection="per_module")]
     for density in args.ablation_densities:
         if not math.isclose(density, args.density):
             methods.append(ablation(f"GRIN {density * 100:g}% {obj_name}", density=density))
@@ -357,6 +361,13 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
 
 
 def select_methods(methods: list[Method], args: argparse.Namespace) -> list[Method]:
+    methods = _select(methods, args)
+    if args.only is not None:
+        return [methods[int(i)] for i in args.only.split(",")]
+    return methods
+
+
+def _select(methods: list[Method], args: argparse.Namespace) -> list[Method]:
     if args.smoke and args.methods is None:
         # one of each kind: target, full (with and without reference), LoRA, SSD, GRIN, a selector, an ablation
         budget, other = f"{args.density * 100:g}%", f"{args.ablation_densities[0] * 100:g}%"
@@ -365,7 +376,8 @@ def select_methods(methods: list[Method], args: argparse.Namespace) -> list[Meth
         return [m for m in methods if m.name in picks]
     if args.methods:
         # a token equal to a method's name picks that method only; any other token picks every name containing it
-        wanted = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+        # commas inside parentheses belong to a name, as in "SSD (a=10, l=1)"
+        wanted = [m.strip().lower() for m in re.split(r",(?![^()]*\))", args.methods) if m.strip()]
         names = {m.name.lower() for m in methods}
 
         def picked(name: str) -> bool:
@@ -453,6 +465,7 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> None:
         f"Command: `{report['command']}`",
         "",
         f"Total wall time {report['total_seconds']:.0f} s on {report['environment'].get('cpu_count')} CPU cores, "
+        f"{report.get('workers', {}).get('count', 1)} process(es) of "
         f"{report['environment'].get('torch_threads')} torch thread(s); torch {report['environment']['torch']}, "
         f"transformers {report['environment']['transformers']}, peft {report['environment']['peft']}.",
         "",
@@ -519,6 +532,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--methods", default=None, help="Comma-separated method names or name substrings to run (target always runs)."
     )
     p.add_argument("--list", action="store_true", help="Print the method names and exit.")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Processes that share the methods (one torch thread each; default: 2 on a CPU with >= 2 cores, else 1; "
+        "1 with --model, --smoke or --lr-sweep). Their reports are merged into one.",
+    )
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker's share: indices into the method list
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-limit", type=int, default=None, help="Evaluate only the first N items of every split.")
     p.add_argument(
@@ -542,6 +563,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="Seconds-long check of the whole code path.")
     p.add_argument("--smoke-items", type=int, default=6, help="Items per split in --smoke.")
     args = p.parse_args(argv)
+    if args.workers is None:
+        cpu_scale = not (args.model or args.smoke or args.lr_sweep or default_device().type == "cuda")
+        args.workers = 2 if cpu_scale and (os.cpu_count() or 1) >= 2 else 1
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     if args.smoke:
         args.epochs = min(args.epochs, 1.0)
         args.batch_size = min(args.batch_size, 4)
@@ -608,7 +634,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stem = args.stem or (
         "tofu_smoke" if args.smoke else f"tofu_{args.forget}" + ("_lr_sweep" if args.lr_sweep else "")
     )
-    make_target, qa_format, reference_model, models_info = load_models(args, data)
+    make_target, qa_format, reference_model, models_info = load_models(args, data)  # trains and caches once
+    if args.workers > 1 and args.only is None and not args.lr_sweep:
+        del make_target, reference_model
+        return run_workers(args, list(sys.argv[1:] if argv is None else argv), methods, out, stem, started)
     splits = eval_splits(data, args.forget, args.eval_limit)
     forget_items = load_tofu(args.forget, data)
     retain_items = load_tofu(FORGET_TO_RETAIN[args.forget], data)
@@ -745,11 +774,9 @@ def run_and_evaluate(method: Method, context: dict[str, Any], evaluator: Any, wo
     return row
 
 
-def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
+def combine_reports(reports: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
     """One report from several processes' reports (same settings, disjoint methods): the first report's settings
-    and reference row, every method once (first occurrence), in the benchmark's order. ``total_seconds`` is the
-    longest process's (they ran side by side); each row's ``wall s`` is what it cost in its own process."""
-    reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+    and reference row, every method once (first occurrence), in the benchmark's order."""
     merged = dict(reports[0])
     rows: dict[str, dict[str, Any]] = {}
     for report in reports:
@@ -757,6 +784,14 @@ def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
             rows.setdefault(row["method"], row)
     rank = {name: i for i, name in enumerate(order)}
     merged["results"] = sorted(rows.values(), key=lambda r: (r["group"] != "reference", rank.get(r["method"], -1)))
+    return merged
+
+
+def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
+    """``--merge``: combine the reports of runs split by hand (``--methods``/``--stem``). ``total_seconds`` is the
+    longest process's (they ran side by side); each row's ``wall s`` is what it cost in its own process."""
+    reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+    merged = combine_reports(reports, order)
     merged["total_seconds"] = max(r.get("total_seconds", 0) for r in reports)
     merged["merged_from"] = [{"file": str(p), "command": r["command"]} for p, r in zip(args.merge, reports)]
     merged["command"] = " ; ".join(r["command"] for r in reports)
@@ -766,7 +801,45 @@ def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
     return merged
 
 
-# ------------------------------------------------------------------------------------------------ lr pilot
+def run_workers(
+    args: argparse.Namespace, argv: list[str], methods: list[Method], out: Path, stem: str, started: float
+) -> dict[str, Any]:
+    """Run the methods in ``args.workers`` processes side by side (one torch thread each) and merge their reports.
+
+    The tiny models are trained and cached before the workers start, so each only loads them. Methods are dealt
+    out round robin in the benchmark's order, which mixes the costly kinds (full, LoRA, GRIN) over the workers.
+    Each worker re-runs its own copy of the reference evaluation. A row's ``wall s`` is what it cost in its
+    worker, with the other worker busy on the second core; the total is this process's wall time.
+    """
+    shares = [list(range(w, len(methods), args.workers)) for w in range(args.workers)]
+    shares = [share for share in shares if share]
+    with tempfile.TemporaryDirectory(prefix="bench_tofu_workers_") as parts:
+        commands = [
+            [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1", "--only",
+             ",".join(map(str, share)), "--out", parts, "--stem", f"part{w}"]
+            for w, share in enumerate(shares)
+        ]  # fmt: skip
+        _log(f"{len(commands)} workers: " + " | ".join(", ".join(methods[i].name for i in s) for s in shares))
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        procs = [subprocess.Popen(c, env={**env, "BENCH_TOFU_WORKER": str(w)}) for w, c in enumerate(commands)]
+        codes = [proc.wait() for proc in procs]
+        reports = [
+            json.loads((Path(parts) / f"part{w}.json").read_text(encoding="utf-8"))
+            for w in range(len(commands))
+            if (Path(parts) / f"part{w}.json").is_file()
+        ]
+    if not reports:
+        raise SystemExit(f"every worker failed (exit codes {codes}); nothing measured")
+    merged = combine_reports(reports, [m.name for m in methods])
+    merged["command"] = "python benchmarks/bench_tofu.py " + " ".join(argv)
+    merged["workers"] = {"count": len(commands), "exit_codes": codes, "threads_each": 1}
+    merged["total_seconds"] = time.perf_counter() - started
+    merged["load_average_at_end"] = load_average()
+    write_report(merged, out, stem, args)
+    _log(f"done in {merged['total_seconds']:.0f} s ({len(commands)} workers): {out / stem}.md / .json")
+    if any(codes):
+        raise SystemExit(f"a worker failed (exit codes {codes}); the merged report holds what the others measured")
+    return merged
 
 
 def cheap_evaluate(

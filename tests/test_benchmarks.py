@@ -95,6 +95,22 @@ def test_tofu_smoke_run_writes_every_output(tmp_path):
     assert "| method | forget quality | model utility |" in table and "GRIN 1% NPO" in table
 
 
+def test_tofu_run_split_over_two_workers_gives_one_report_with_every_method(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    methods = "target (no unlearning),full NPO,GRIN 1% NPO,SSD (a=10, l=1)"
+    report = bench_tofu.main([*argv, "--workers", "2", "--methods", methods])
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert saved["workers"] == {"count": 2, "exit_codes": [0, 0], "threads_each": 1}
+    names = [row["method"] for row in saved["results"]]
+    assert names == [
+        "retain90 model (reference)", "target (no unlearning)", "full NPO", "SSD (a=10, l=1)", "GRIN 1% NPO"
+    ]  # fmt: skip
+    assert not [row for row in saved["results"] if row.get("error")]
+    assert report["total_seconds"] > 0 and "2 process(es)" in (out / "tofu_smoke.md").read_text()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "wmdp").is_dir(), reason="needs the WMDP/PKU files in ../shared/data")
 def test_hazard_smoke_run_writes_both_tasks(tmp_path):
     out = tmp_path / "out"
