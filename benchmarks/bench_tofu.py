@@ -539,7 +539,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="Processes that share the methods (one torch thread each; default: 2 on a CPU with >= 2 cores, else 1; "
         "1 with --model, --smoke or --lr-sweep). Their reports are merged into one.",
     )
-    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker's share: indices into the method list
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker's share: indices into the methods
+    p.add_argument("--prepare", choices=("reference",), default=None, help=argparse.SUPPRESS)  # train, cache, exit
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-limit", type=int, default=None, help="Evaluate only the first N items of every split.")
     p.add_argument(
@@ -563,6 +564,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="Seconds-long check of the whole code path.")
     p.add_argument("--smoke-items", type=int, default=6, help="Items per split in --smoke.")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.workers is None:
         cpu_scale = not (args.model or args.smoke or args.lr_sweep or default_device().type == "cuda")
         args.workers = 2 if cpu_scale and (os.cpu_count() or 1) >= 2 else 1
@@ -610,7 +612,14 @@ def load_models(args: argparse.Namespace, data: Path) -> tuple[Any, QAFormat, An
     settings = tiny_settings(args)
     root = Path(args.cache_dir) if args.cache_dir else cache_root("tofu")
     tokenizer, tok_key = load_tokenizer(data, settings, root)
+    helper = None
+    if args.workers > 1 and args.only is None:
+        # the two models train side by side on a cold cache: the reference in a helper process
+        argv = [*args.argv, "--prepare", "reference", "--workers", "1"]
+        helper = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=_worker_env("ref"))
     target, target_info = load_or_train("target", args.forget, data, settings, root, tokenizer, tok_key)
+    if helper is not None and helper.wait() != 0:
+        raise SystemExit(f"training the reference model failed (exit code {helper.returncode})")
     reference, ref_info = load_or_train("reference", args.forget, data, settings, root, tokenizer, tok_key)
     info = {"settings": dataclasses.asdict(settings), "target": target_info, "reference": ref_info}
     return (lambda: copy.deepcopy(target)), QAFormat(tokenizer), reference, info
@@ -630,6 +639,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.merge:
         return merge_reports(args, [m.name for m in (sweep_methods if args.lr_sweep else build_methods)(args)])
     data = Path(args.data)
+    if args.prepare:
+        settings = tiny_settings(args)
+        root = Path(args.cache_dir) if args.cache_dir else cache_root("tofu")
+        tokenizer, tok_key = load_tokenizer(data, settings, root)
+        load_or_train(args.prepare, args.forget, data, settings, root, tokenizer, tok_key)
+        return {}
     out = Path(args.out)
     stem = args.stem or (
         "tofu_smoke" if args.smoke else f"tofu_{args.forget}" + ("_lr_sweep" if args.lr_sweep else "")
@@ -637,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     make_target, qa_format, reference_model, models_info = load_models(args, data)  # trains and caches once
     if args.workers > 1 and args.only is None and not args.lr_sweep:
         del make_target, reference_model
-        return run_workers(args, list(sys.argv[1:] if argv is None else argv), methods, out, stem, started)
+        return run_workers(args, methods, models_info, out, stem, started)
     splits = eval_splits(data, args.forget, args.eval_limit)
     forget_items = load_tofu(args.forget, data)
     retain_items = load_tofu(FORGET_TO_RETAIN[args.forget], data)
@@ -801,16 +816,27 @@ def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
     return merged
 
 
+def _worker_env(tag: str) -> dict[str, str]:
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "BENCH_TOFU_WORKER": tag}
+
+
 def run_workers(
-    args: argparse.Namespace, argv: list[str], methods: list[Method], out: Path, stem: str, started: float
+    args: argparse.Namespace,
+    methods: list[Method],
+    models_info: dict[str, Any],
+    out: Path,
+    stem: str,
+    started: float,
 ) -> dict[str, Any]:
     """Run the methods in ``args.workers`` processes side by side (one torch thread each) and merge their reports.
 
     The tiny models are trained and cached before the workers start, so each only loads them. Methods are dealt
     out round robin in the benchmark's order, which mixes the costly kinds (full, LoRA, GRIN) over the workers.
     Each worker re-runs its own copy of the reference evaluation. A row's ``wall s`` is what it cost in its
-    worker, with the other worker busy on the second core; the total is this process's wall time.
+    worker, with the other worker busy on the second core; the total is this process's wall time, model training
+    included when the cache was cold.
     """
+    argv = args.argv
     shares = [list(range(w, len(methods), args.workers)) for w in range(args.workers)]
     shares = [share for share in shares if share]
     with tempfile.TemporaryDirectory(prefix="bench_tofu_workers_") as parts:
@@ -820,8 +846,7 @@ def run_workers(
             for w, share in enumerate(shares)
         ]  # fmt: skip
         _log(f"{len(commands)} workers: " + " | ".join(", ".join(methods[i].name for i in s) for s in shares))
-        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-        procs = [subprocess.Popen(c, env={**env, "BENCH_TOFU_WORKER": str(w)}) for w, c in enumerate(commands)]
+        procs = [subprocess.Popen(c, env=_worker_env(str(w))) for w, c in enumerate(commands)]
         codes = [proc.wait() for proc in procs]
         reports = [
             json.loads((Path(parts) / f"part{w}.json").read_text(encoding="utf-8"))
@@ -832,6 +857,7 @@ def run_workers(
         raise SystemExit(f"every worker failed (exit codes {codes}); nothing measured")
     merged = combine_reports(reports, [m.name for m in methods])
     merged["command"] = "python benchmarks/bench_tofu.py " + " ".join(argv)
+    merged["models"] = models_info  # the workers only loaded what this process trained
     merged["workers"] = {"count": len(commands), "exit_codes": codes, "threads_each": 1}
     merged["total_seconds"] = time.perf_counter() - started
     merged["load_average_at_end"] = load_average()

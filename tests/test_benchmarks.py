@@ -109,6 +109,9 @@ def test_tofu_run_split_over_two_workers_gives_one_report_with_every_method(tmp_
     ]  # fmt: skip
     assert not [row for row in saved["results"] if row.get("error")]
     assert report["total_seconds"] > 0 and "2 process(es)" in (out / "tofu_smoke.md").read_text()
+    # on a cold cache the target trained here and the reference in a helper process, side by side
+    assert saved["models"]["target"]["trained_this_run"] and not saved["models"]["reference"]["trained_this_run"]
+    assert Path(saved["models"]["reference"]["cache_dir"]).parent == tmp_path / "cache"
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wmdp").is_dir(), reason="needs the WMDP/PKU files in ../shared/data")
