@@ -428,26 +428,65 @@ def table_rows(results: list[dict[str, Any]], groups: Sequence[str]) -> list[dic
 
 
 def write_plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Forget quality (log scale) against model utility, one marker per method; the ideal is the top right."""
+    """Left: forget quality (log) against model utility, the field's headline plot (ideal: top right). Right: forget
+    ROUGE-L recall against model utility (ideal: bottom right), which still separates methods where forget
+    quality saturates near 0, as it does for tiny models. One marker per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     markers = {"reference": "*", "main": "o", "selectors": "s", "ablation": "^"}
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
     for r in results:
         s = r.get("summary") or {}
-        fq, mu = s.get("forget_quality"), s.get("model_utility")
-        if fq is None or mu is None:
+        mu = s.get("model_utility")
+        if mu is None:
             continue
-        ax.scatter(mu, max(fq, 1e-300), marker=markers.get(r["group"], "o"), s=60)
-        ax.annotate(r["method"], (mu, max(fq, 1e-300)), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility (harmonic mean of 9 retain/real-authors/world-facts metrics)")
-    ax.set_ylabel("forget quality (KS p-value vs retain-only model, log)")
+        for ax, y in zip(axes, (s.get("forget_quality"), s.get("forget_rouge_l_recall"))):
+            if y is None:
+                continue
+            y = max(y, 1e-300)
+            ax.scatter(mu, y, marker=markers.get(r["group"], "o"), s=60)
+            ax.annotate(r["method"], (mu, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("forget quality (KS p-value vs retain-only model, log)")
+    axes[1].set_ylabel("forget ROUGE-L recall (greedy answer vs gold)")
+    for ax in axes:
+        ax.set_xlabel("model utility (harmonic mean of 9 retain/real-authors/world-facts metrics)")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep_plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Forget against retain answer probability, one line per parameterisation through its learning rates: the
+    trade-off each can reach (ideal: bottom right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for family in ("reference", "full", "lora", "grin"):
+        runs = sorted(
+            (r for r in results if r["group"] == family and "summary" in r),
+            key=lambda r: (r.get("config") or {}).get("lr") or 0,
+        )
+        if not runs:
+            continue
+        xs = [r["summary"]["retain_probability"] for r in runs]
+        ys = [r["summary"]["forget_probability"] for r in runs]
+        ax.plot(xs, ys, marker="*" if family == "reference" else "o", linestyle="-" if len(runs) > 1 else "")
+        for r, x, y in zip(runs, xs, ys):
+            ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("retain answer probability")
+    ax.set_ylabel("forget answer probability")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -968,6 +1007,10 @@ def write_report(report: dict[str, Any], out: Path, stem: str, args: argparse.Na
         "",
     ]
     atomic_write(out / f"{stem}.md", "\n".join(lines))
+    try:
+        write_sweep_plot(report["results"], out / f"{stem}.png", f"TOFU {args.forget}: NPO learning-rate pilot")
+    except Exception as error:  # a missing matplotlib must not lose the numbers
+        print(f"plot skipped: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

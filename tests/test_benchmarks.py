@@ -95,6 +95,33 @@ def test_tofu_smoke_run_writes_every_output(tmp_path):
     assert "| method | forget quality | model utility |" in table and "GRIN 1% NPO" in table
 
 
+def test_learning_rate_pilot_applies_its_declared_rule(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--smoke", "--lr-sweep", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    bench_tofu.main([*argv, "--sweep-full", "1e-4", "--sweep-lora", "1e-3", "--sweep-grin", "1e-2,3e-2"])
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert [r["method"] for r in saved["results"]][2:] == [
+        "full NPO lr=0.0001", "LoRA r=8 NPO lr=0.001", "GRIN 1% NPO lr=0.01", "GRIN 1% NPO lr=0.03"
+    ]  # fmt: skip
+    assert (out / "tofu_smoke.png").is_file()
+    assert saved["chosen_learning_rates"] == bench_tofu.choose_learning_rates(saved["results"])
+    assert saved["chosen_learning_rates"]["full"]["lr"] == 1e-4
+
+
+def test_choose_learning_rates_prefers_forget_quality_above_the_retain_floor():
+    def row(group, lr, fq, forget, retain):
+        summary = {"forget_quality": fq, "forget_probability": forget, "retain_probability": retain}
+        return {"method": f"{group} {lr}", "group": group, "config": {"lr": lr}, "summary": summary}
+
+    target = {"method": "target (no unlearning)", "group": "reference", "summary": {"retain_probability": 1.0}}
+    results = [target, row("full", 1, 0.5, 0.1, 0.95), row("full", 2, 0.9, 0.1, 0.5), row("full", 3, 0.4, 0.1, 0.99)]
+    results += [row("grin", 1, 0.9, 0.1, 0.5), row("grin", 2, 0.9, 0.1, 0.7)]
+    chosen = bench_tofu.choose_learning_rates(results)
+    assert chosen["full"] == {"lr": 1, "method": "full 1", "meets_floor": True}  # lr 2 forgets more but breaks retain
+    assert chosen["grin"] == {"lr": 2, "method": "grin 2", "meets_floor": False}  # none keeps 0.9: the most kept
+
+
 def test_tofu_run_split_over_two_workers_gives_one_report_with_every_method(tmp_path):
     data = write_tofu_like(tmp_path / "tofu")
     out = tmp_path / "out"
