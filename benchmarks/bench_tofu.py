@@ -28,7 +28,7 @@ Methods (``--methods`` selects by name; ``--list`` prints them): full-parameter 
 GradDiff/NPO, SSD (alpha 10, lambda 1; no training), GRIN (gradient ratio, 1% of the linear weights, noise 0.1 x
 tensor std) with GradDiff and NPO, and GRIN's machinery with the other selectors at the same budget (random,
 magnitude, forget_gradient = SalUn, wagle, squared_ratio = LoKU/FILA, ssd score). Ablations (``--ablations``):
-noise off, per-module selection, densities 0.01% .. 5%.
+noise off, per-module selection, eps 1 x median A_r (default 0.01 x), densities 0.01% .. 5%.
 
 Outputs (``--out``, default ``benchmarks/results``): ``tofu_<forget>.json`` (settings, versions, per-method
 metrics and timings), ``tofu_<forget>.md`` (tables) and ``tofu_<forget>.png`` (forget quality vs model utility).
@@ -353,7 +353,11 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         return Method(name, "grin", sel_obj, grin, grin=grin_settings(args, **override), group="ablation")
 
     ab = f"GRIN {budget} {obj_name}"
-    methods += [ablation(f"{ab} without noise", noise_std=0.0), ablation(f"{ab} per-module", selection="per_module")]
+    methods += [
+        ablation(f"{ab} without noise", noise_std=0.0),
+        ablation(f"{ab} per-module", selection="per_module"),
+        ablation(f"{ab} eps=1 x median", eps=1.0),
+    ]
     for density in args.ablation_densities:
         if not math.isclose(density, args.density):
             methods.append(ablation(f"GRIN {density * 100:g}% {obj_name}", density=density))
