@@ -484,11 +484,13 @@ def write_sweep_plot(results: list[dict[str, Any]], path: Path, title: str) -> N
             continue
         xs = [r["summary"]["retain_probability"] for r in runs]
         ys = [r["summary"]["forget_probability"] for r in runs]
-        ax.plot(xs, ys, marker="*" if family == "reference" else "o", linestyle="-" if len(runs) > 1 else "")
+        line = "" if family == "reference" else "-"  # the two reference points are not a trajectory
+        ax.plot(xs, ys, marker="*" if family == "reference" else "o", linestyle=line, label=family)
         for r, x, y in zip(runs, xs, ys):
             ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("retain answer probability")
     ax.set_ylabel("forget answer probability")
+    ax.legend(title="learning rate rising along each line")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -852,7 +854,9 @@ def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
     merged = combine_reports(reports, order)
     merged["total_seconds"] = max(r.get("total_seconds", 0) for r in reports)
     merged["merged_from"] = [{"file": str(p), "command": r["command"]} for p, r in zip(args.merge, reports)]
-    merged["command"] = " ; ".join(r["command"] for r in reports)
+    commands = [c for r in reports for c in r["command"].split(" ; ")]
+    commands.append("python benchmarks/bench_tofu.py " + " ".join(args.argv))
+    merged["command"] = " ; ".join(dict.fromkeys(commands))  # each once, in order: the runs, then this merge
     stem = args.stem or f"tofu_{args.forget}" + ("_lr_sweep" if args.lr_sweep else "")
     write_report(merged, Path(args.out), stem, args)
     _log(f"merged {len(reports)} reports into {Path(args.out) / stem}.md / .json / .png")
