@@ -311,6 +311,17 @@ def grin_settings(args: argparse.Namespace, **override: Any) -> dict[str, Any]:
     return {"score": "gradient_ratio", "density": args.density, "seed": args.seed, **override}
 
 
+# the other selectors run in GRIN's machinery (same budget, noise, objective), by their GrinConfig score names
+SCORE_LABELS = {
+    "random": "random",
+    "magnitude": "magnitude",
+    "forget_gradient": "SalUn (forget gradient)",
+    "wagle": "WAGLE",
+    "squared_ratio": "LoKU/FILA (squared ratio)",
+    "ssd": "SSD score",
+}
+
+
 def build_methods(args: argparse.Namespace) -> list[Method]:
     """Every method of the benchmark; ``group`` says which table it belongs to."""
     full, lora, grin = args.lr_full, args.lr_lora, args.lr_grin
@@ -330,14 +341,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         Method(f"GRIN {budget} NPO", "grin", "npo", grin, grin=grin_settings(args)),
     ]
     obj_name = {"npo": "NPO", "grad_diff": "GradDiff"}.get(sel_obj, sel_obj)
-    for score, label in (
-        ("random", "random"),
-        ("magnitude", "magnitude"),
-        ("forget_gradient", "SalUn (forget gradient)"),
-        ("wagle", "WAGLE"),
-        ("squared_ratio", "LoKU/FILA (squared ratio)"),
-        ("ssd", "SSD score"),
-    ):
+    for score, label in SCORE_LABELS.items():
         methods.append(
             Method(
                 f"mask {budget} {label} {obj_name}",
@@ -372,7 +376,7 @@ def select_methods(methods: list[Method], args: argparse.Namespace) -> list[Meth
 
 
 def _select(methods: list[Method], args: argparse.Namespace) -> list[Method]:
-    if args.smoke and args.methods is None:
+    if args.smoke and args.methods is None and not args.lr_sweep:
         # one of each kind: target, full (with and without reference), LoRA, SSD, GRIN, a selector, an ablation
         budget, other = f"{args.density * 100:g}%", f"{args.ablation_densities[0] * 100:g}%"
         picks = {"target (no unlearning)", "full GradDiff", "full NPO", "LoRA r=8 NPO", "SSD (a=10, l=1)"}
@@ -475,7 +479,7 @@ def write_sweep_plot(results: list[dict[str, Any]], path: Path, title: str) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 6))
-    for family in ("reference", "full", "lora", "grin"):
+    for family in dict.fromkeys(r["group"] for r in results):
         runs = sorted(
             (r for r in results if r["group"] == family and "summary" in r),
             key=lambda r: (r.get("config") or {}).get("lr") or 0,
@@ -582,7 +586,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Processes that share the methods (one torch thread each; default: 2 on a CPU with >= 2 cores, else 1; "
-        "1 with --model, --smoke or --lr-sweep). Their reports are merged into one.",
+        "1 with --model or --smoke). Their reports are merged into one.",
     )
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a worker's share: indices into the methods
     p.add_argument("--prepare", choices=("reference",), default=None, help=argparse.SUPPRESS)  # train, cache, exit
@@ -600,6 +604,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-lora", type=floats, default=[3e-4, 1e-3, 3e-3], help="Pilot grid, LoRA.")
     p.add_argument("--sweep-grin", type=floats, default=[3e-3, 1e-2, 3e-2], help="Pilot grid, GRIN.")
     p.add_argument(
+        "--sweep-scores",
+        type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+        default=[],
+        help=f"Pilot: also these selectors on the GRIN grid (of {', '.join(SCORE_LABELS)}).",
+    )
+    p.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -611,10 +621,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.workers is None:
-        cpu_scale = not (args.model or args.smoke or args.lr_sweep or default_device().type == "cuda")
+        cpu_scale = not (args.model or args.smoke or default_device().type == "cuda")
         args.workers = 2 if cpu_scale and (os.cpu_count() or 1) >= 2 else 1
     if args.workers < 1:
         p.error("--workers must be >= 1")
+    unknown = sorted(set(args.sweep_scores) - set(SCORE_LABELS))
+    if unknown:
+        p.error(f"--sweep-scores: unknown {unknown}; choose from {sorted(SCORE_LABELS)}")
     if args.smoke:
         args.epochs = min(args.epochs, 1.0)
         args.batch_size = min(args.batch_size, 4)
@@ -676,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     on_gpu = default_device().type == "cuda"
     threads = set_threads(None if on_gpu else args.threads)
-    methods = select_methods(build_methods(args), args)
+    methods = select_methods((sweep_methods if args.lr_sweep else build_methods)(args), args)
     if args.list:
         for m in methods:
             print(f"{m.group:10s} {m.name}")
@@ -695,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "tofu_smoke" if args.smoke else f"tofu_{args.forget}" + ("_lr_sweep" if args.lr_sweep else "")
     )
     make_target, qa_format, reference_model, models_info = load_models(args, data)  # trains and caches once
-    if args.workers > 1 and args.only is None and not args.lr_sweep:
+    if args.workers > 1 and args.only is None:
         del make_target, reference_model
         return run_workers(args, methods, models_info, out, stem, started)
     splits = eval_splits(data, args.forget, args.eval_limit)
@@ -748,8 +761,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     if args.lr_sweep:
         report["settings"]["lr_grids"] = {"full": args.sweep_full, "lora": args.sweep_lora, "grin": args.sweep_grin}
+        report["settings"]["sweep_scores"] = args.sweep_scores
         evaluator = lambda model, ref: cheap_evaluate(model, qa_format, splits, ref, args.eval_batch_size)  # noqa: E731
-        methods = sweep_methods(args)
     else:
         eval_kw = {"max_new_tokens": max_new_tokens, "batch_size": args.eval_batch_size}
         evaluator = lambda model, ref: evaluate(model, qa_format, splits, ref, **eval_kw)  # noqa: E731
@@ -827,7 +840,7 @@ def run_and_evaluate(method: Method, context: dict[str, Any], evaluator: Any, wo
             row[key] = cost[key]
     sm = row["summary"]
     _log(
-        f"    FQ {sm['forget_quality']:.3g}  MU {sm.get('model_utility') or float('nan'):.3f}  forget prob "
+        f"    FQ {sm['forget_quality']:.3g}  MU {_or_nan(sm.get('model_utility')):.3f}  forget prob "
         f"{sm['forget_probability']:.3f}  retain prob {sm['retain_probability']:.3f}  "
         f"({cost.get('wall_seconds', 0):.0f} s + eval {result['eval_seconds']:.0f} s)"
     )
@@ -845,6 +858,10 @@ def combine_reports(reports: list[dict[str, Any]], order: list[str]) -> dict[str
     rank = {name: i for i, name in enumerate(order)}
     merged["results"] = sorted(rows.values(), key=lambda r: (r["group"] != "reference", rank.get(r["method"], -1)))
     return merged
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
@@ -940,23 +957,20 @@ def cheap_evaluate(
 
 
 def sweep_methods(args: argparse.Namespace) -> list[Method]:
-    """NPO for each parameterisation at each learning rate of its grid (GRIN at the benchmark's budget)."""
+    """NPO for each parameterisation at each learning rate of its grid (GRIN, and the ``--sweep-scores`` masks, at
+    the benchmark's budget on the GRIN grid)."""
     methods = [Method("target (no unlearning)", "none", group="reference")]
     for lr in args.sweep_full:
         methods.append(Method(f"full NPO lr={lr:g}", "full", "npo", lr, group="full"))
     for lr in args.sweep_lora:
         methods.append(Method(f"LoRA r=8 NPO lr={lr:g}", "lora", "npo", lr, group="lora"))
-    for lr in args.sweep_grin:
-        methods.append(
-            Method(
-                f"GRIN {args.density * 100:g}% NPO lr={lr:g}",
-                "grin",
-                "npo",
-                lr,
-                grin=grin_settings(args),
-                group="grin",
-            )
-        )
+    budget = f"{args.density * 100:g}%"
+    for score in ["gradient_ratio", *args.sweep_scores]:
+        name = f"GRIN {budget}" if score == "gradient_ratio" else f"mask {budget} {SCORE_LABELS[score]}"
+        group = "grin" if score == "gradient_ratio" else f"mask {score}"
+        for lr in args.sweep_grin:
+            grin = grin_settings(args, score=score)
+            methods.append(Method(f"{name} NPO lr={lr:g}", "grin", "npo", lr, grin=grin, group=group))
     return methods
 
 
@@ -968,7 +982,8 @@ def choose_learning_rates(results: list[dict[str, Any]], keep: float = 0.9) -> d
         return {}
     floor = keep * target["summary"]["retain_probability"]
     chosen = {}
-    for family in ("full", "lora", "grin"):
+    families = dict.fromkeys(r["group"] for r in results if r["group"] != "reference")
+    for family in families:
         runs = [r for r in results if r["group"] == family and "summary" in r]
         if not runs:
             continue
