@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -415,6 +415,7 @@ TABLE_COLUMNS = (
     ("forget_keyword_confidence", "kw conf", "g"),
     ("retain_probability", "retain prob", "g"),
     ("retain_rouge_l_recall", "retain ROUGE-L", "g"),
+    ("collateral", "retain lost / forget removed", "g"),
     ("privleak_mink", "privleak (MinK)", "g"),
     ("trainable_entries", "trained entries", "g"),
     ("wall_seconds", "wall s", "s"),
@@ -424,13 +425,26 @@ TABLE_COLUMNS = (
 MASK_COLUMNS = (*TABLE_COLUMNS, ("mass_forget", "forget mass", "g"), ("mass_retain", "retain mass", "e"))
 
 
+def collateral(summary: Mapping[str, Any], target: Mapping[str, Any], min_drop: float = 0.05) -> float | None:
+    """Retain answer probability lost per unit of forget answer probability removed, both against the target: a
+    first-order trade-off that compares methods landing at different amounts of forgetting (lower is better; 0 =
+    forgetting for free). None when the forget probability fell by less than ``min_drop`` (a ratio of noise)."""
+    drop = target["forget_probability"] - summary["forget_probability"]
+    if drop < min_drop:
+        return None
+    return (target["retain_probability"] - summary["retain_probability"]) / drop
+
+
 def table_rows(results: list[dict[str, Any]], groups: Sequence[str]) -> list[dict[str, Any]]:
+    target = next((r["summary"] for r in results if r["method"].startswith("target") and "summary" in r), None)
     rows = []
     for r in results:
         if r["group"] not in groups:
             continue
         mass = (r.get("localization") or {}).get("mass") or {}
         extra = {"mass_forget": mass.get("forget"), "mass_retain": mass.get("retain")}
+        if target is not None and "summary" in r and r["group"] != "reference":
+            extra["collateral"] = collateral(r["summary"], target)
         rows.append({"method": r["method"], **r.get("summary", {}), **r.get("cost", {}), **extra})
     return rows
 
@@ -616,6 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="JSON",
         help="Combine reports of runs split over processes (--methods/--stem) into one output, and exit.",
     )
+    p.add_argument("--render", default=None, metavar="JSON", help="Rewrite the .md/.png of a saved report, and exit.")
     p.add_argument("--smoke", action="store_true", help="Seconds-long check of the whole code path.")
     p.add_argument("--smoke-items", type=int, default=6, help="Items per split in --smoke.")
     args = p.parse_args(argv)
@@ -694,6 +709,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for m in methods:
             print(f"{m.group:10s} {m.name}")
         return {}
+    if args.render:
+        report = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        write_report(report, Path(args.render).parent, Path(args.render).stem, args)
+        return report
     if args.merge:
         return merge_reports(args, [m.name for m in (sweep_methods if args.lr_sweep else build_methods)(args)])
     data = Path(args.data)
@@ -1010,9 +1029,10 @@ def write_report(report: dict[str, Any], out: Path, stem: str, args: argparse.Na
         ("forget_truth_ratio", "forget TR", "g"),
         ("retain_probability", "retain prob", "g"),
         ("retain_truth_ratio", "retain TR", "g"),
+        ("collateral", "retain lost / forget removed", "g"),
         ("wall_seconds", "wall s", "s"),
     )
-    rows = [{"method": r["method"], **r.get("summary", {}), **r.get("cost", {})} for r in report["results"]]
+    rows = table_rows(report["results"], dict.fromkeys(r["group"] for r in report["results"]))
     lines = [
         f"# Learning-rate pilot, TOFU {args.forget} (NPO, teacher-forced evaluation only)",
         "",

@@ -107,6 +107,9 @@ def test_learning_rate_pilot_applies_its_declared_rule(tmp_path):
     assert (out / "tofu_smoke.png").is_file()
     assert saved["chosen_learning_rates"] == bench_tofu.choose_learning_rates(saved["results"])
     assert saved["chosen_learning_rates"]["full"]["lr"] == 1e-4
+    (out / "tofu_smoke.md").unlink()
+    bench_tofu.main(["--lr-sweep", "--render", str(out / "tofu_smoke.json")])
+    assert "retain lost / forget removed" in (out / "tofu_smoke.md").read_text()
 
 
 def test_choose_learning_rates_prefers_forget_quality_above_the_retain_floor():
@@ -120,6 +123,13 @@ def test_choose_learning_rates_prefers_forget_quality_above_the_retain_floor():
     chosen = bench_tofu.choose_learning_rates(results)
     assert chosen["full"] == {"lr": 1, "method": "full 1", "meets_floor": True}  # lr 2 forgets more but breaks retain
     assert chosen["grin"] == {"lr": 2, "method": "grin 2", "meets_floor": False}  # none keeps 0.9: the most kept
+
+
+def test_collateral_is_retain_lost_per_forget_removed_and_undefined_without_forgetting():
+    target = {"forget_probability": 0.9, "retain_probability": 0.95}
+    unlearned = {"forget_probability": 0.1, "retain_probability": 0.75}
+    assert bench_tofu.collateral(unlearned, target) == pytest.approx(0.25)
+    assert bench_tofu.collateral({"forget_probability": 0.88, "retain_probability": 0.5}, target) is None
 
 
 def test_tofu_run_split_over_two_workers_gives_one_report_with_every_method(tmp_path):
