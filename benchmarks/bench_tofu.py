@@ -505,7 +505,9 @@ def write_sweep_plot(results: list[dict[str, Any]], path: Path, title: str) -> N
         line = "" if family == "reference" else "-"  # the two reference points are not a trajectory
         ax.plot(xs, ys, marker="*" if family == "reference" else "o", linestyle=line, label=family)
         for r, x, y in zip(runs, xs, ys):
-            ax.annotate(r["method"], (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+            lr = (r.get("config") or {}).get("lr")
+            label = r["method"] if lr is None else f"{lr:g}"  # the legend names the family
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("retain answer probability")
     ax.set_ylabel("forget answer probability")
     ax.legend(title="learning rate rising along each line")
