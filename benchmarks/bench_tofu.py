@@ -16,7 +16,7 @@ CPU-scale protocol (default; research notes section 7). Everything is read in pl
    same forget/retain pairing, same bf16 autocast. Only the parameterisation and its learning rate differ
    (``--lr-full``/``--lr-lora``/``--lr-grin``: a learning rate is a property of a parameterisation, a 1% sparse
    delta needs far larger steps than full fine-tuning; the defaults come from the pilot sweep recorded in
-   ``benchmarks/results/tofu_lr_sweep.*``).
+   ``benchmarks/results/tofu_forget10_lr_sweep.*``, chosen by the rule in :func:`choose_learning_rates`).
 5. Evaluation with open-unlearning's definitions (:func:`grin_peft.metrics.evaluate_tofu`) on forget, retain
    (``retain_perturbed``), real_authors, world_facts and holdout: forget quality (KS test of forget truth ratios
    against the reference model's), model utility (harmonic mean of 9 numbers), forget ROUGE-L recall, probability,
@@ -585,9 +585,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=5.0, help="Unlearning passes over the forget set.")
     p.add_argument("--batch-size", type=int, default=32, help="Forget (and retain) examples per step.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr-full", type=float, default=1e-4, help="Learning rate of full-parameter methods.")
-    p.add_argument("--lr-lora", type=float, default=1e-3, help="Learning rate of LoRA methods.")
-    p.add_argument("--lr-grin", type=float, default=1e-2, help="Learning rate of GRIN and the other masks.")
+    p.add_argument("--lr-full", type=float, default=1e-3, help="Learning rate of full-parameter methods.")
+    p.add_argument("--lr-lora", type=float, default=3e-4, help="Learning rate of LoRA methods.")
+    p.add_argument("--lr-grin", type=float, default=3e-3, help="Learning rate of GRIN and the other masks.")
     p.add_argument("--density", type=float, default=0.01, help="GRIN/mask budget: fraction of the linear weights.")
     p.add_argument("--selector-objective", default="npo", help="Objective of the selector and ablation rows.")
     p.add_argument("--ablation-densities", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 1e-3, 5e-2])
