@@ -95,6 +95,31 @@ def test_tofu_smoke_run_writes_every_output(tmp_path):
     assert "| method | forget quality | model utility |" in table and "GRIN 1% NPO" in table
 
 
+def test_paper_scale_path_loads_target_and_reference_from_folders(tmp_path):
+    from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
+
+    data = write_tofu_like(tmp_path / "tofu")
+    texts = [f"{item['question']} {item['answer']}" for item in bench_tofu.load_tofu("full", data)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    for name, seed in (("target", 0), ("reference", 1)):
+        model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=seed)
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    out = tmp_path / "out"
+    argv = ["--smoke", "--data", str(data), "--out", str(out), "--methods", "GRIN 1% NPO,LoRA r=8 NPO"]
+    models = ["--model", str(tmp_path / "target"), "--reference-model", str(tmp_path / "reference")]
+    report = bench_tofu.main([*argv, *models])
+    assert report["settings"]["scale"] == "paper scale"
+    assert report["models"] == {
+        "target": str(tmp_path / "target"), "reference": str(tmp_path / "reference"), "dtype": "torch.float32",
+        "device": "cpu",
+    }  # fmt: skip
+    rows = {row["method"]: row for row in report["results"]}
+    assert set(rows) == {"retain90 model (reference)", "target (no unlearning)", "GRIN 1% NPO", "LoRA r=8 NPO"}
+    assert not [row for row in report["results"] if row.get("error")]
+    assert rows["GRIN 1% NPO"]["cost"]["trainable_entries"] > 0
+
+
 def test_learning_rate_pilot_applies_its_declared_rule(tmp_path):
     data = write_tofu_like(tmp_path / "tofu")
     out = tmp_path / "out"
