@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
@@ -193,6 +194,8 @@ def _training_args(
     unknown = sorted(set(kw) - known)
     if unknown:
         raise GrinError(f"unknown training setting(s) {unknown}: see UnlearningArguments for the valid ones.")
+    # pinned memory only helps a host-to-accelerator copy; on a CPU-only machine it just warns
+    kw = {"dataloader_pin_memory": _has_accelerator(), **kw}
     if output_dir is not None:
         return UnlearningArguments(output_dir=output_dir, objective=objective or "npo", **kw), None
     scratch = tempfile.TemporaryDirectory(prefix="grin_unlearn_")
@@ -204,6 +207,11 @@ def _training_args(
         scratch.cleanup()
         raise
     return args, scratch
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 def _encoded(data: Any, name: str, qa_format: QAFormat | None) -> list[dict[str, Any]]:
