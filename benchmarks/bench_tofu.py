@@ -584,7 +584,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1 is fastest for tiny models).")
     p.add_argument("--epochs", type=float, default=5.0, help="Unlearning passes over the forget set.")
     p.add_argument("--batch-size", type=int, default=32, help="Forget (and retain) examples per step.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Unlearning seed: pairing, noise, LoRA init, scoring sample.")
+    p.add_argument("--model-seed", type=int, default=0, help="Seed of the cached tiny models (a new one trains them).")
     p.add_argument("--lr-full", type=float, default=1e-3, help="Learning rate of full-parameter methods.")
     p.add_argument("--lr-lora", type=float, default=3e-4, help="Learning rate of LoRA methods.")
     p.add_argument("--lr-grin", type=float, default=3e-3, help="Learning rate of GRIN and the other masks.")
@@ -659,7 +660,9 @@ def tiny_settings(args: argparse.Namespace) -> TinySettings:
             vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, epochs=1, batch_size=8,
             max_items=args.smoke_items,
         )  # fmt: skip
-    return TinySettings(hidden_size=args.hidden, num_layers=args.layers, epochs=args.model_epochs, seed=args.seed)
+    return TinySettings(
+        hidden_size=args.hidden, num_layers=args.layers, epochs=args.model_epochs, seed=args.model_seed
+    )
 
 
 def load_models(args: argparse.Namespace, data: Path) -> tuple[Any, QAFormat, Any, dict[str, Any]]:
