@@ -30,10 +30,16 @@ tensor std) with GradDiff and NPO, and GRIN's machinery with the other selectors
 magnitude, forget_gradient = SalUn, wagle, squared_ratio = LoKU/FILA, ssd score). Ablations (``--ablations``):
 noise off, per-module selection, eps 1 x median A_r (default 0.01 x), densities 0.01% .. 5%.
 
+Runs in ``--workers`` single-thread processes (default 2 on a CPU) that share the methods; their reports are
+merged into one (a row's ``wall s`` is measured in its worker). ``--merge`` combines reports of separate runs,
+``--render`` rewrites a saved report's tables and plot.
+
 Outputs (``--out``, default ``benchmarks/results``): ``tofu_<forget>.json`` (settings, versions, per-method
 metrics and timings), ``tofu_<forget>.md`` (tables) and ``tofu_<forget>.png`` (forget quality vs model utility).
 
     python benchmarks/bench_tofu.py                         # default CPU run (forget10, main methods + ablations)
+    python benchmarks/bench_tofu.py --lr-sweep              # the learning-rate pilot (teacher-forced metrics only)
+    python benchmarks/bench_tofu.py --lr-sweep --sweep-scores random,wagle --methods mask   # selectors' pilot
     python benchmarks/bench_tofu.py --forget forget05 --no-ablations
     python benchmarks/bench_tofu.py --smoke --out /tmp/x    # seconds: a handful of items, tiny model, 1 epoch
     # paper scale on a GPU: a TOFU-finetuned model and its retain-only counterpart (HF ids or local dirs)
