@@ -721,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{m.group:10s} {m.name}")
         return {}
     if args.render:
-        report = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        report = read_report(args.render)
         write_report(report, Path(args.render).parent, Path(args.render).stem, args)
         return report
     if args.merge:
@@ -890,6 +890,17 @@ def combine_reports(reports: list[dict[str, Any]], order: list[str]) -> dict[str
     return merged
 
 
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A saved report, or one clear line and exit 2 when the file is missing or not a report."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"bench_tofu: cannot read report {path}: {error}") from None
+    if not isinstance(report, dict) or "results" not in report:
+        raise SystemExit(f"bench_tofu: {path} is not a bench_tofu report (no 'results').")
+    return report
+
+
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -897,7 +908,7 @@ def _or_nan(value: float | None) -> float:
 def merge_reports(args: argparse.Namespace, order: list[str]) -> dict[str, Any]:
     """``--merge``: combine the reports of runs split by hand (``--methods``/``--stem``). ``total_seconds`` is the
     longest process's (they ran side by side); each row's ``wall s`` is what it cost in its own process."""
-    reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in args.merge]
+    reports = [read_report(path) for path in args.merge]
     merged = combine_reports(reports, order)
     merged["total_seconds"] = max(r.get("total_seconds", 0) for r in reports)
     merged["merged_from"] = [{"file": str(p), "command": r["command"]} for p, r in zip(args.merge, reports)]

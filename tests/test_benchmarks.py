@@ -135,6 +135,8 @@ def test_learning_rate_pilot_applies_its_declared_rule(tmp_path):
     (out / "tofu_smoke.md").unlink()
     bench_tofu.main(["--lr-sweep", "--render", str(out / "tofu_smoke.json")])
     assert "retain lost / forget removed" in (out / "tofu_smoke.md").read_text()
+    with pytest.raises(SystemExit, match="cannot read report"):
+        bench_tofu.main(["--render", str(out / "missing.json")])
 
 
 def test_choose_learning_rates_prefers_forget_quality_above_the_retain_floor():
