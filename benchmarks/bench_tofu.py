@@ -623,9 +623,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-epochs", type=int, default=TinySettings.epochs, help="Memorisation epochs.")
     p.add_argument("--lr-sweep", action="store_true", help="Run the learning-rate pilot instead (NPO, cheap eval).")
     floats = lambda text: [float(x) for x in text.split(",") if x.strip()]  # noqa: E731
-    p.add_argument("--sweep-full", type=floats, default=[3e-5, 1e-4, 3e-4], help="Pilot grid, full parameters.")
-    p.add_argument("--sweep-lora", type=floats, default=[3e-4, 1e-3, 3e-3], help="Pilot grid, LoRA.")
-    p.add_argument("--sweep-grin", type=floats, default=[3e-3, 1e-2, 3e-2], help="Pilot grid, GRIN.")
+    p.add_argument("--sweep-full", type=floats, default=[3e-5, 1e-4, 3e-4, 1e-3], help="Pilot grid, full parameters.")
+    p.add_argument("--sweep-lora", type=floats, default=[3e-4, 1e-3, 3e-3, 1e-2], help="Pilot grid, LoRA.")
+    p.add_argument("--sweep-grin", type=floats, default=[3e-3, 1e-2, 3e-2, 0.1], help="Pilot grid, GRIN.")
     p.add_argument(
         "--sweep-scores",
         type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
