@@ -32,12 +32,7 @@ import common  # noqa: E402
 SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def write_tofu_like(directory: Path) -> Path:

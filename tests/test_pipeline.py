@@ -17,7 +17,6 @@ from grin_peft import GrinConfig, metrics
 from grin_peft.data import QAFormat, encode_items
 from grin_peft.errors import GrinError
 from grin_peft.pipeline import UnlearnResult, unlearn
-from grin_peft.tiny import load_or_train_memorised_model
 from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
 
 # Settings measured to unlearn the 10 forget items of the tiny target in 60 steps (~5 s on one thread).
@@ -34,17 +33,7 @@ FAST = dict(
 FAST_ARGS = {k: v for k, v in FAST.items() if k != "num_train_epochs"}
 
 
-@pytest.fixture(scope="session")
-def memorised(tmp_path_factory):
-    return load_or_train_memorised_model(cache_dir=tmp_path_factory.getbasetemp() / "grin_tiny_cache", progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def mean_probability(model, tokenizer, items) -> float:

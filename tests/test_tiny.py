@@ -27,13 +27,7 @@ TINY_SETTINGS = MemorisationSettings(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run far faster on one thread on a busy machine; restore whatever pytest had.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from grin_peft import GrinConfig, metrics
 from grin_peft.data import IGNORE_INDEX, QAFormat, encode_items
 from grin_peft.errors import GrinError
 from grin_peft.objectives import NPO, ObjectiveInputs, sequence_nll
-from grin_peft.tiny import load_or_train_memorised_model
 from grin_peft.trainer import (
     PairedSampler,
     UnlearningArguments,
@@ -31,19 +30,7 @@ from grin_peft.trainer import (
     unlearn_score,
 )
 
-
-@pytest.fixture(scope="session")
-def memorised(tmp_path_factory):
-    """The memorised target model, tokenizer and synthetic data set; cached for every test file of the session."""
-    return load_or_train_memorised_model(cache_dir=tmp_path_factory.getbasetemp() / "grin_tiny_cache", progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def grin_model(memorised, score: str = "random", density: float = 0.01, **config) -> PeftModel:
