@@ -671,6 +671,13 @@ def tiny_settings(args: argparse.Namespace) -> TinySettings:
     )
 
 
+def tiny_setup(args: argparse.Namespace, data: Path) -> tuple[TinySettings, Path, Any, str]:
+    """The tiny models' settings, cache folder, tokenizer (trained and cached on first use) and tokenizer key."""
+    settings = tiny_settings(args)
+    root = Path(args.cache_dir) if args.cache_dir else cache_root("tofu")
+    return (settings, root, *load_tokenizer(data, settings, root))
+
+
 def load_models(args: argparse.Namespace, data: Path) -> tuple[Any, QAFormat, Any, dict[str, Any]]:
     """``(make_target, qa_format, reference_model, info)``: a factory of fresh target copies (each method gets its
     own), the QA layout, the retain-only model and what they are."""
@@ -693,9 +700,7 @@ def load_models(args: argparse.Namespace, data: Path) -> tuple[Any, QAFormat, An
         return (lambda: load(args.model)), QAFormat(tokenizer), load(args.reference_model), info
     import copy
 
-    settings = tiny_settings(args)
-    root = Path(args.cache_dir) if args.cache_dir else cache_root("tofu")
-    tokenizer, tok_key = load_tokenizer(data, settings, root)
+    settings, root, tokenizer, tok_key = tiny_setup(args, data)
     helper = None
     if args.workers > 1 and args.only is None:
         # the two models train side by side on a cold cache: the reference in a helper process
@@ -728,10 +733,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return merge_reports(args, [m.name for m in (sweep_methods if args.lr_sweep else build_methods)(args)])
     data = Path(args.data)
     if args.prepare:
-        settings = tiny_settings(args)
-        root = Path(args.cache_dir) if args.cache_dir else cache_root("tofu")
-        tokenizer, tok_key = load_tokenizer(data, settings, root)
-        load_or_train(args.prepare, args.forget, data, settings, root, tokenizer, tok_key)
+        load_or_train(args.prepare, args.forget, data, *tiny_setup(args, data))
         return {}
     out = Path(args.out)
     stem = args.stem or (
