@@ -113,6 +113,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         noise_std=args.noise_std,
         forget_description=args.forget_description,
     )
+    schedule = {}
+    if args.lr is not None or args.epochs is not None:  # a fixed schedule: the controller is off
+        schedule = {k: v for k, v in (("learning_rate", args.lr), ("num_train_epochs", args.epochs)) if v is not None}
+        if args.forget_target is not None or args.retain_floor is not None or args.max_epochs is not None:
+            raise _fail("--lr/--epochs fix the schedule; --forget-target/--retain-floor/--max-epochs need neither.")
+        point = False
+    else:
+        point = _operating_point(args)
     model, tokenizer = _load_model(args.model)
     with _atomic_output(args.output) as work:
         result = unlearn(
@@ -123,28 +131,74 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             objective=args.objective,
             tokenizer=tokenizer,
             refusals=refusals,
-            learning_rate=args.lr,
-            num_train_epochs=args.epochs,
+            operating_point=point,
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
+            disable_tqdm=True,
+            **schedule,
         )
+        print(_before_after(result))
+        if result.target_met is False and not args.allow_partial:
+            raise _fail(
+                "the unlearning target was not reached (numbers above); nothing was written. Relax "
+                "--forget-target/--retain-floor, raise --density or --max-epochs, or keep the partial result with "
+                "--allow-partial."
+            )
         result.peft_model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         if result.localization is not None:
             result.localization.to_json(work / "localization.json")
-        summary = {
-            "trainable_entries": result.trainable_entries,
-            "wall_time": result.wall_time,
-            "eval": result.eval_metrics,
-        }
-        (work / "unlearn_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"delta written to {args.output} ({result.trainable_entries:,} trainable entries, {result.wall_time:.1f}s)")
-    if result.eval_metrics:
-        print(json.dumps(result.eval_metrics, indent=2))
+        (work / "unlearn_summary.json").write_text(json.dumps(result.summary(), indent=2))
+    status = {True: "target met", False: "TARGET NOT MET (--allow-partial)", None: "fixed schedule"}[result.target_met]
+    print(
+        f"delta written to {args.output} ({status}; {result.trainable_entries:,} trainable entries, "
+        f"{result.wall_time:.1f}s; every decision in unlearn_summary.json)"
+    )
     if args.push_to_hub:
         result.peft_model.push_to_hub(args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
     return 0
+
+
+def _operating_point(args: argparse.Namespace):
+    """The controller's settings from --forget-target ("0.2" absolute, "20%" of the start), --retain-floor and
+    --max-epochs."""
+    from .operating_point import OperatingPoint
+
+    options: dict[str, Any] = {}
+    if args.forget_target is not None:
+        text = args.forget_target.strip()
+        try:
+            if text.endswith("%"):
+                options.update(forget_target=float(text[:-1]) / 100, relative=True)
+            else:
+                options["forget_target"] = float(text)
+        except ValueError:
+            raise _fail(f"--forget-target {args.forget_target!r} is not a number like 0.2 or 20%.") from None
+    if args.retain_floor is not None:
+        options["retain_floor"] = args.retain_floor
+    if args.max_epochs is not None:
+        options["max_epochs"] = args.max_epochs
+    return OperatingPoint(seed=args.seed, **options)
+
+
+def _before_after(result) -> str:
+    """The before/after table every unlearn run prints."""
+    rows = [("forget answer probability", "forget_prob"), ("retain answer probability", "retain_prob")]
+    if result.before and "heldout_retain_prob" in result.before:
+        rows.append(("held-out retain answer probability", "heldout_retain_prob"))
+    lines = ["| metric | original | unlearned |", "|---|---|---|"]
+    for label, key in rows:
+        if result.before and key in result.before:
+            lines.append(f"| {label} | {result.before[key]:.4f} | {result.after[key]:.4f} |")
+    record = result.operating_point
+    if record is not None:
+        lines.append(
+            f"target: forget <= {record['target_forget_prob']:.4f} with held-out retain >= "
+            f"{record['floor_heldout_retain_prob']:.4f}: {'met' if record['target_met'] else 'NOT met'} "
+            f"(lr {record['learning_rate']:.3g}, step {record['steps']} of {record['steps_run']} run)"
+        )
+    return "\n".join(lines)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -232,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "unlearn",
         help="make a model forget a data set; writes a GRIN delta",
-        description="Localise with gradient ratios, inject noise, train the sparse delta.",
+        description="Localise with gradient ratios, inject noise, train the sparse delta. By default an automatic "
+        "operating point picks the learning rate and stops when forget answer probability reaches the target while "
+        "a held-out slice of the retain data stays above its floor; it prints before/after numbers and exits "
+        "non-zero, writing nothing, when the target is missed (unless --allow-partial).",
     )
     p.add_argument("--model", required=True, help="base model directory or Hub id")
     p.add_argument("--forget", required=True, help="JSON Lines file (question/answer) or Hub dataset id to forget")
@@ -246,8 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default="gradient_ratio", help="entry score (gradient_ratio, random, magnitude, ...)")
     p.add_argument("--target-modules", default="all-linear", help="modules to adapt (default all-linear)")
     p.add_argument("--noise-std", type=float, default=0.1, help="injected noise, times each tensor's std (0.1)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of the delta (1e-2)")
-    p.add_argument("--epochs", type=float, default=10, help="passes over the forget set (10)")
+    p.add_argument(
+        "--forget-target",
+        help="forgotten means forget answer probability <= this: 0.2 (default, absolute) or a share of the "
+        "start such as 20%%",
+    )
+    p.add_argument(
+        "--retain-floor",
+        type=float,
+        help="held-out retain answer probability must stay >= this fraction of the original's (0.85)",
+    )
+    p.add_argument("--max-epochs", type=float, help="step budget of the automatic search, in forget passes (20)")
+    p.add_argument("--allow-partial", action="store_true", help="write the delta even when the target was not reached")
+    p.add_argument("--lr", type=float, help="fixed learning rate: switches the automatic operating point off")
+    p.add_argument("--epochs", type=float, help="fixed passes over the forget set: switches it off too")
     p.add_argument("--batch-size", type=int, default=8, help="forget (and retain) examples per step (8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forget-description", help="what is forgotten, for the model card")

@@ -66,6 +66,7 @@ def update_model_card(peft_model, output_dir: str) -> None:
         f"(density {facts['density']:.3g}) in {facts['modules']} modules",
         f"- selection: score `{facts['score']}`, scope `{facts['selection']}`; noise {facts['noise']}",
         f"- base model fingerprint: `{facts['base_model_fingerprint']}`",
+        *_unlearning_lines(getattr(peft_model, "grin_unlearn_summary", None)),
         "",
         "Load with `import grin_peft; PeftModel.from_pretrained(base, repo_id)`; deploy with `merge_and_unload()`; "
         "undo a merge exactly with `grin_peft.revert(merged_model, repo_id)`.",
@@ -75,6 +76,30 @@ def update_model_card(peft_model, output_dir: str) -> None:
         text = text[: text.index(CARD_HEADING)].rstrip() + "\n"
     card.text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     card.save(filename)
+
+
+def _unlearning_lines(summary: dict | None) -> list[str]:
+    """What the training achieved, when this model came out of `grin_peft.unlearn`: a card must not claim more."""
+    if not summary or not summary.get("before") or not summary.get("after"):
+        return []
+    before, after, record = summary["before"], summary["after"], summary.get("operating_point")
+    lines = [
+        f"- {label}: {before[key]:.4f} -> {after[key]:.4f}"
+        for label, key in (
+            ("forget answer probability", "forget_prob"),
+            ("retain answer probability", "retain_prob"),
+            ("held-out retain answer probability", "heldout_retain_prob"),
+        )
+        if key in before and key in after
+    ]
+    if record is None:
+        return [*lines, "- schedule: fixed (no forget target was set)"]
+    return [
+        *lines,
+        f"- target: forget answer probability <= {record['target_forget_prob']:.4f} with held-out retain >= "
+        f"{record['floor_heldout_retain_prob']:.4f}: **{'met' if record['target_met'] else 'NOT met'}** "
+        f"(automatic operating point: lr {record['learning_rate']:.3g}, kept step {record['steps']})",
+    ]
 
 
 def push_delta_to_hub(

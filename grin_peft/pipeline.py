@@ -7,21 +7,31 @@ defaults and times them, so a first experiment is three lines and a tuned one ch
 
 from __future__ import annotations
 
+import contextlib
+import math
+import random
 import tempfile
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from .config import GrinConfig
 from .data import QAFormat, as_format
 from .errors import GrinError
+from .operating_point import OperatingPoint, search, split_heldout
 from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals, encode_dataset
+
+# Settings that fix the training length or rate: giving any of them switches the automatic operating point off.
+FIXED_SCHEDULE = ("learning_rate", "num_train_epochs", "max_steps")
 
 __all__ = ["UnlearnResult", "unlearn"]
 
@@ -36,6 +46,10 @@ class UnlearnResult:
     `Trainer.train`'s metrics and ``log_history`` every log (training losses with the objective's parts, evaluations);
     ``eval_metrics`` a final :meth:`UnlearningTrainer.evaluate` (None without retain data); ``trainable_entries`` the
     number of trained weight entries; ``wall_time`` seconds for the whole call and ``timings`` per stage.
+    ``before``/``after``: forget and retain answer probability of the original model and of the result (and, with the
+    automatic operating point, on the held-out retain slice); ``operating_point`` the controller's full record
+    (:func:`grin_peft.operating_point.search`; None with a fixed schedule). ``target_met`` says whether the forget
+    target was reached within the retain floor (None with a fixed schedule, which sets no target).
     """
 
     peft_model: PeftModel
@@ -47,6 +61,27 @@ class UnlearnResult:
     timings: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] | None = None
     trainer: UnlearningTrainer | None = field(default=None, repr=False)
+    before: dict[str, float] | None = None
+    after: dict[str, float] | None = None
+    operating_point: dict[str, Any] | None = None
+
+    @property
+    def target_met(self) -> bool | None:
+        return None if self.operating_point is None else bool(self.operating_point["target_met"])
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: what was trained, the numbers before and after, and every decision of the controller."""
+        return {
+            "mode": "fixed schedule" if self.operating_point is None else "automatic operating point",
+            "target_met": self.target_met,
+            "trainable_entries": self.trainable_entries,
+            "before": self.before,
+            "after": self.after,
+            "eval": self.eval_metrics,
+            "wall_time": self.wall_time,
+            "timings": self.timings,
+            "operating_point": self.operating_point,
+        }
 
 
 def unlearn(
@@ -64,6 +99,8 @@ def unlearn(
     eval_forget: Any = None,
     eval_retain: Any = None,
     callbacks: list[TrainerCallback] | None = None,
+    operating_point: OperatingPoint | bool | None = None,
+    verbose: bool = True,
     **kw: Any,
 ) -> UnlearnResult:
     """Make ``model`` forget ``forget`` while keeping ``retain``, by training a sparse GRIN delta.
@@ -75,6 +112,14 @@ def unlearn(
        tokenizer=tokenizer, **localize_kwargs)`` scores entries, selects the budget and injects the noise.
     3. Train: :class:`~grin_peft.trainer.UnlearningTrainer` trains only the delta's values; with retain data a
        final evaluation reports forget/retain answer probability.
+
+    By default (no ``training_args``, no ``learning_rate``/``num_train_epochs``/``max_steps``) training runs under
+    the **automatic operating point** (:mod:`grin_peft.operating_point`): part of the retain set is held out (or
+    ``eval_retain`` is used as the held-out set), a probe picks the learning rate, training stops once forget answer
+    probability reaches the target (default 0.2) while held-out retain probability stays above its floor (default
+    0.85 x the original's), and the best evaluated state is kept. ``result.target_met`` says whether it worked; a
+    missed target also raises a `UserWarning`. A fixed schedule (any of those settings, or
+    ``operating_point=False``) trains exactly as told.
 
     Args:
         model: a causal LM (`transformers` model or any module PEFT can wrap), or a GRIN `PeftModel`.
@@ -94,13 +139,24 @@ def unlearn(
             checkpoint is written (``save_strategy="no"``) and a temporary directory holds Trainer's scratch files.
         localize_kwargs: extra arguments of ``model.localize`` (``batch_size``, ``max_batches``, ``progress``, ...).
         refusals: refusal answers for ``idk_nll``/``idk_dpo`` (e.g. :func:`grin_peft.data.load_tofu_idk`).
-        eval_forget, eval_retain: what evaluation scores; default the training sets.
+        eval_forget, eval_retain: what evaluation scores; default the training sets. Under the automatic operating
+            point ``eval_retain`` is the held-out retain set (default: a seeded slice of ``retain``).
         callbacks: `transformers` trainer callbacks.
+        operating_point: an :class:`~grin_peft.operating_point.OperatingPoint` (target, floor, budget), True for its
+            defaults, False for a fixed schedule; None (default) means automatic unless the schedule is fixed.
+        verbose: print the controller's decisions and the before/after numbers.
 
     Raises:
         GrinError: on conflicting or invalid arguments and bad data, before any weight changes.
     """
     started = time.perf_counter()
+    point = _operating_point(operating_point, training_args, kw)
+    if point is not None and retain is None:
+        raise GrinError(
+            "the automatic operating point needs retain data (part of it is held out to check what is kept); pass "
+            "retain=, or fix the schedule with learning_rate= and num_train_epochs=."
+        )
+    log = print if verbose else (lambda message: None)
     training_args, scratch = _training_args(training_args, objective, output_dir, kw)
     try:
         # Everything that can be refused is checked before the model is touched.
@@ -113,6 +169,12 @@ def unlearn(
             name: None if data is None else _encoded(data, f"eval {name}", qa_format)
             for name, data in (("forget", eval_forget), ("retain", eval_retain))
         }
+        heldout_items = None
+        if point is not None:
+            if eval_items["retain"] is not None:
+                heldout_items = eval_items["retain"]
+            else:
+                retain_items, heldout_items = split_heldout(retain_items, point)
         objective_obj = training_args.build_objective()
         if retain_items is None and objective_obj.requirements.retain:
             raise GrinError(f"objective {objective_obj.name!r} has a retain term but no retain set was given.")
@@ -130,29 +192,79 @@ def unlearn(
                 options = {"tokenizer": qa_format, **(localize_kwargs or {})}
                 report = peft_model.localize(forget_items, retain_items, **options)
                 timings["localize"] = time.perf_counter() - t0
-            trainer = UnlearningTrainer(
-                peft_model,
-                training_args,
-                forget_items,
-                retain_items,
-                qa_format=qa_format,
-                refusals=refusals,
-                eval_forget_dataset=eval_items["forget"],
-                eval_retain_dataset=eval_items["retain"],
-                callbacks=callbacks,
-            )
+
+            def make_trainer(args: UnlearningArguments) -> UnlearningTrainer:
+                return UnlearningTrainer(
+                    peft_model,
+                    args,
+                    forget_items,
+                    retain_items,
+                    qa_format=qa_format,
+                    refusals=refusals,
+                    eval_forget_dataset=eval_items["forget"],
+                    eval_retain_dataset=heldout_items if point is not None else eval_items["retain"],
+                    callbacks=callbacks,
+                )
+
+            trainer = make_trainer(training_args)
         except BaseException:
             if wrapped:  # give the caller back the model as it was
                 peft_model.unload()
             raise
         t0 = time.perf_counter()
-        output = trainer.train()
+        record = None
+        forget_eval = eval_items["forget"] or forget_items
+        if point is None:
+            retain_eval = eval_items["retain"] or retain_items
+            before = _probabilities(trainer, peft_model, forget_eval, retain_eval, original=True)
+            output = trainer.train()
+            train_metrics = dict(output.metrics)
+        else:
+            # scratch dirs only: checkpoints of the best state are kept in memory, the final delta saved below
+            def segment_trainer(lr: float, max_steps: int, segment: int) -> UnlearningTrainer:
+                settings = {**kw, "learning_rate": lr, "max_steps": max_steps, "save_strategy": "no"}
+                settings["seed"] = kw.get("seed", 42) + segment
+                segment_trainer = make_trainer(_segment_args(training_args, settings))
+                segment_trainer.remove_callback(PrinterCallback)  # the controller prints its own lines
+                return segment_trainer
+
+            batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            record = search(
+                peft_model,
+                segment_trainer,
+                point,
+                forget_eval=forget_eval,
+                heldout=heldout_items,
+                retain_eval=_sample(retain_items, point.max_heldout, point.seed),
+                steps_per_epoch=math.ceil(len(forget_items) / (batch * max(1, training_args.world_size))),
+                original=peft_model.disable_adapter,
+                log=log,
+            )
+            before = record["before"]
+            train_metrics = {"steps_run": record["steps_run"], "learning_rate": record["learning_rate"]}
         timings["train"] = time.perf_counter() - t0
         eval_metrics = None
         if trainer.eval_dataset is not None:
             t0 = time.perf_counter()
             eval_metrics = trainer.evaluate()
             timings["evaluate"] = time.perf_counter() - t0
+        if record is None:
+            after = _probabilities(trainer, peft_model, forget_eval, retain_eval, original=False)
+            log(
+                f"forget prob {before['forget_prob']:.3f} -> {after['forget_prob']:.3f}, retain prob "
+                f"{before['retain_prob']:.3f} -> {after['retain_prob']:.3f} (fixed schedule: no target)"
+            )
+        else:
+            after = record["after"]
+            if not record["target_met"]:
+                warnings.warn(
+                    f"the unlearning target was not reached: forget prob {after['forget_prob']:.3f} (target "
+                    f"{record['target_forget_prob']:.3f}), held-out retain prob {after['heldout_retain_prob']:.3f} "
+                    f"(floor {record['floor_heldout_retain_prob']:.3f}).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        peft_model.grin_unlearn_summary = {"before": before, "after": after, "operating_point": record}
         if output_dir is not None:
             trainer.save_model(output_dir)
     finally:
@@ -161,14 +273,67 @@ def unlearn(
     return UnlearnResult(
         peft_model=peft_model,
         localization=report,
-        train_metrics=dict(output.metrics),
+        train_metrics=train_metrics,
         log_history=list(trainer.state.log_history),
         trainable_entries=int(sum(peft_model.base_model.num_entries().values())),
         wall_time=time.perf_counter() - started,
         timings=timings,
         eval_metrics=eval_metrics,
         trainer=trainer,
+        before=before,
+        after=after,
+        operating_point=record,
     )
+
+
+def _operating_point(
+    operating_point: OperatingPoint | bool | None, training_args: UnlearningArguments | None, kw: Mapping[str, Any]
+) -> OperatingPoint | None:
+    """The controller's settings, or None for a fixed schedule; a contradiction is refused."""
+    fixed = sorted(name for name in FIXED_SCHEDULE if name in kw) + (["training_args"] if training_args else [])
+    if operating_point is None:
+        return None if fixed else OperatingPoint()
+    if operating_point is False:
+        return None
+    if fixed:
+        raise GrinError(
+            f"operating_point chooses the learning rate and the stopping step itself; drop {fixed} or pass "
+            "operating_point=False for a fixed schedule."
+        )
+    if operating_point is True:
+        return OperatingPoint()
+    if not isinstance(operating_point, OperatingPoint):
+        raise GrinError(f"operating_point must be an OperatingPoint, True, False or None; got {operating_point!r}.")
+    operating_point.validate()
+    return operating_point
+
+
+def _segment_args(template: UnlearningArguments, settings: Mapping[str, Any]) -> UnlearningArguments:
+    """Training arguments of one controller segment: the caller's settings with the controller's rate and length."""
+    return UnlearningArguments(
+        output_dir=template.output_dir,
+        objective=template.objective,
+        **{"dataloader_pin_memory": template.dataloader_pin_memory, **settings},
+    )
+
+
+def _sample(items: Sequence[Any], n: int, seed: int) -> list[Any]:
+    return list(items) if len(items) <= n else random.Random(seed).sample(list(items), n)
+
+
+def _probabilities(
+    trainer: UnlearningTrainer,
+    peft_model: PeftModel,
+    forget: Sequence[Any],
+    retain: Sequence[Any] | None,
+    original: bool,
+) -> dict[str, float]:
+    """Mean forget/retain answer probability now, or of the original model (adapter disabled)."""
+    with peft_model.disable_adapter() if original else contextlib.nullcontext():
+        out = {"forget_prob": float(np.mean(np.exp(-trainer.answer_nll(forget))))}
+        if retain is not None:
+            out["retain_prob"] = float(np.mean(np.exp(-trainer.answer_nll(retain))))
+    return out
 
 
 def _training_args(

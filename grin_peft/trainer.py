@@ -624,7 +624,7 @@ class UnlearningTrainer(Trainer):
         metrics: dict[str, float] = {}
         with _torch_threads(self.args.num_threads):
             for key in ("forget", "retain"):
-                nll = self._answer_nll(sets[key])
+                nll = self.answer_nll(sets[key])
                 metrics[f"{metric_key_prefix}_{key}_prob"] = float(np.mean(np.exp(-nll)))
                 metrics[f"{metric_key_prefix}_{key}_nll"] = float(np.mean(nll))
         metrics[f"{metric_key_prefix}_unlearn_score"] = unlearn_score(
@@ -642,8 +642,12 @@ class UnlearningTrainer(Trainer):
         return metrics
 
     @torch.no_grad()
-    def _answer_nll(self, examples: Sequence[EncodedQA]) -> np.ndarray:
-        """Per-example mean answer-token NLL, batched by length to waste little padding."""
+    def answer_nll(self, examples: Sequence[EncodedQA]) -> np.ndarray:
+        """Per-example mean answer-token NLL (encoded examples), batched by length to waste little padding.
+
+        Teacher-forced and cheap, so callbacks (e.g. :mod:`grin_peft.operating_point`) can call it every few steps;
+        ``exp(-nll)`` is TOFU's answer probability.
+        """
         model = self.model_wrapped
         peft_model = self.accelerator.unwrap_model(model)
         was_training = peft_model.training
