@@ -12,7 +12,7 @@ of the retain data, which training and localisation never see, at least a fracti
    least held-out retain probability per unit of forget probability removed (ties within 0.01 go to the smaller
    rate). If none keeps pace, the fastest rate that keeps the floor.
 2. **Train** under watch: forget and held-out retain probabilities (teacher-forced, batched) every ``eval_every``
-   steps. Breaking the retain floor (and not recovering within ``patience`` evaluations: NPO's forget gradient
+   steps. Breaking the retain floor for more than ``patience`` evaluations in a row (NPO's forget gradient
    fades once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest
    forget probability above the floor and continues at the grid's next smaller rate; a pace
    too slow to reach the target within the budget continues from the current state at three times the rate (both
@@ -268,11 +268,14 @@ class _Search:
             f"held-out retain {evaluation.heldout:.3f} (floor {floor:.3f})"
         )
         if not evaluation.above_floor:
-            # NPO's forget gradient fades once the answers are unlikely and the retain term repairs: give a
-            # recovering run `patience` evaluations below the floor before rolling back
+            # NPO's forget gradient fades once the answers are unlikely and the retain term repairs: a run gets
+            # `patience` evaluations below the floor to recover before it is rolled back
             self.below_floor += 1
-            previous = self.history[-2].heldout if len(self.history) > 1 else math.inf
-            if evaluation.heldout > previous and self.below_floor <= self.point.patience:
+            if self.best is not None:
+                self.since_improvement += 1
+                if self.since_improvement >= self.point.patience:
+                    return "done"
+            if self.below_floor <= self.point.patience:
                 return "continue"
             return "done" if self.best is not None else "rollback"
         self.below_floor = 0

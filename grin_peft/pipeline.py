@@ -189,7 +189,7 @@ def unlearn(
             grin_config = peft_model.peft_config[peft_model.active_adapter]
             if not grin_config.selects_at_injection and sum(peft_model.base_model.num_entries().values()) == 0:
                 t0 = time.perf_counter()
-                options = {"tokenizer": qa_format, **(localize_kwargs or {})}
+                options = {"tokenizer": qa_format, "progress": verbose, **(localize_kwargs or {})}
                 report = peft_model.localize(forget_items, retain_items, **options)
                 timings["localize"] = time.perf_counter() - t0
 
@@ -207,6 +207,8 @@ def unlearn(
                 )
 
             trainer = make_trainer(training_args)
+            if point is not None or not verbose:
+                trainer.remove_callback(PrinterCallback)  # the before/after lines say it once
         except BaseException:
             if wrapped:  # give the caller back the model as it was
                 peft_model.unload()
