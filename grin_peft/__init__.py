@@ -22,6 +22,7 @@ _LAZY = {
     "UnlearningTrainer": "trainer",
     "UnlearningArguments": "trainer",
     "unlearn": "pipeline",
+    "OperatingPoint": "operating_point",
     "UnlearnResult": "pipeline",
     "LocalizationReport": "localize.report",
 }

@@ -89,6 +89,16 @@ class OperatingPoint:
     )
     max_adjustments: int = field(default=4, metadata={"help": "Rate changes (rollbacks + speed-ups) allowed."})
     seed: int = field(default=0, metadata={"help": "Seed of the held-out split and the probe slices."})
+    max_density: float | None = field(
+        default=0.25,
+        metadata={
+            "help": (
+                "When the target is missed and the GRIN budget was left at its default, `unlearn` localises again "
+                "at density_growth x the density, up to this; None never grows. An explicit density is kept."
+            )
+        },
+    )
+    density_growth: float = field(default=5.0, metadata={"help": "Factor between successive densities (> 1)."})
 
     def __post_init__(self) -> None:
         self.lr_grid = tuple(float(lr) for lr in self.lr_grid)
@@ -115,6 +125,10 @@ class OperatingPoint:
                 raise GrinError(f"{name}={value!r} must be a non-negative integer.")
         if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
             raise GrinError(f"eval_every={self.eval_every!r} must be a positive integer or None.")
+        if self.max_density is not None and not 0 < self.max_density <= 1:
+            raise GrinError(f"max_density={self.max_density!r} must lie in (0, 1] or be None.")
+        if not self.density_growth > 1:
+            raise GrinError(f"density_growth={self.density_growth!r} must be greater than 1.")
         if not self.max_epochs > 0:
             raise GrinError(f"max_epochs={self.max_epochs!r} must be positive.")
         grid = self.lr_grid

@@ -8,6 +8,8 @@ defaults and times them, so a first experiment is three lines and a tuned one ch
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import random
 import tempfile
@@ -24,12 +26,15 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from .config import GrinConfig
+from .config import DEFAULT_DENSITY, GrinConfig
 from .data import QAFormat, as_format
 from .errors import GrinError
 from .operating_point import OperatingPoint, search, split_heldout
 from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals, encode_dataset
 
+# Localisation reads at most max(len(forget), this) retain items by default (a seeded sample): per-example gradient
+# statistics over a whole retain set (TOFU's retain90 is 3,600 items) cost more than the unlearning itself.
+LOCALIZE_RETAIN_MIN = 256
 # Settings that fix the training length or rate: giving any of them switches the automatic operating point off.
 FIXED_SCHEDULE = ("learning_rate", "num_train_epochs", "max_steps")
 
@@ -100,6 +105,7 @@ def unlearn(
     eval_retain: Any = None,
     callbacks: list[TrainerCallback] | None = None,
     operating_point: OperatingPoint | bool | None = None,
+    localize_retain: int | None = None,
     verbose: bool = True,
     **kw: Any,
 ) -> UnlearnResult:
@@ -117,8 +123,10 @@ def unlearn(
     the **automatic operating point** (:mod:`grin_peft.operating_point`): part of the retain set is held out (or
     ``eval_retain`` is used as the held-out set), a probe picks the learning rate, training stops once forget answer
     probability reaches the target (default 0.2) while held-out retain probability stays above its floor (default
-    0.85 x the original's), and the best evaluated state is kept. ``result.target_met`` says whether it worked; a
-    missed target also raises a `UserWarning`. A fixed schedule (any of those settings, or
+    0.85 x the original's), and the best evaluated state is kept. When the target is missed and the config leaves
+    the budget at its default (no ``density``/``num_entries``), it localises again at 5x the density, up to
+    ``OperatingPoint.max_density`` (25%). ``result.target_met`` says whether it worked; a missed target also
+    raises a `UserWarning`. A fixed schedule (any of those settings, or
     ``operating_point=False``) trains exactly as told.
 
     Args:
@@ -144,6 +152,8 @@ def unlearn(
         callbacks: `transformers` trainer callbacks.
         operating_point: an :class:`~grin_peft.operating_point.OperatingPoint` (target, floor, budget), True for its
             defaults, False for a fixed schedule; None (default) means automatic unless the schedule is fixed.
+        localize_retain: how many retain items (a seeded sample) the scoring pass reads; default
+            ``max(len(forget), 256)``. The held-out slice is never among them.
         verbose: print the controller's decisions and the before/after numbers.
 
     Raises:
@@ -182,76 +192,40 @@ def unlearn(
         known = all(isinstance(q, str) for q in questions)
         refusals = check_refusals(refusals, objective_obj, questions if known else None, qa_format)
 
+        pristine = copy.deepcopy(config)  # PEFT writes the base fingerprint into the config it is given
+        densities = _density_schedule(model, config, point)
         peft_model, wrapped = _wrap(model, config)
-        timings: dict[str, float] = {}
-        report = None
-        try:
-            grin_config = peft_model.peft_config[peft_model.active_adapter]
-            if not grin_config.selects_at_injection and sum(peft_model.base_model.num_entries().values()) == 0:
-                t0 = time.perf_counter()
-                options = {"tokenizer": qa_format, "progress": verbose, **(localize_kwargs or {})}
-                report = peft_model.localize(forget_items, retain_items, **options)
-                timings["localize"] = time.perf_counter() - t0
-
-            def make_trainer(args: UnlearningArguments) -> UnlearningTrainer:
-                return UnlearningTrainer(
-                    peft_model,
-                    args,
-                    forget_items,
-                    retain_items,
-                    qa_format=qa_format,
-                    refusals=refusals,
-                    eval_forget_dataset=eval_items["forget"],
-                    eval_retain_dataset=heldout_items if point is not None else eval_items["retain"],
-                    callbacks=callbacks,
-                )
-
-            trainer = make_trainer(training_args)
-            if point is not None or not verbose:
-                trainer.remove_callback(PrinterCallback)  # the before/after lines say it once
-        except BaseException:
-            if wrapped:  # give the caller back the model as it was
-                peft_model.unload()
-            raise
-        t0 = time.perf_counter()
-        record = None
-        forget_eval = eval_items["forget"] or forget_items
-        if point is None:
-            retain_eval = eval_items["retain"] or retain_items
-            before = _probabilities(trainer, peft_model, forget_eval, retain_eval, original=True)
-            output = trainer.train()
-            train_metrics = dict(output.metrics)
-        else:
-            # scratch dirs only: checkpoints of the best state are kept in memory, the final delta saved below
-            def segment_trainer(lr: float, max_steps: int, segment: int) -> UnlearningTrainer:
-                settings = {**kw, "learning_rate": lr, "max_steps": max_steps, "save_strategy": "no"}
-                settings["seed"] = kw.get("seed", 42) + segment
-                segment_trainer = make_trainer(_segment_args(training_args, settings))
-                segment_trainer.remove_callback(PrinterCallback)  # the controller prints its own lines
-                return segment_trainer
-
-            batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-            record = search(
-                peft_model,
-                segment_trainer,
-                point,
-                forget_eval=forget_eval,
-                heldout=heldout_items,
-                retain_eval=_sample(retain_items, point.max_heldout, point.seed),
-                steps_per_epoch=math.ceil(len(forget_items) / (batch * max(1, training_args.world_size))),
-                original=peft_model.disable_adapter,
-                log=log,
-            )
-            before = record["before"]
-            train_metrics = {"steps_run": record["steps_run"], "learning_rate": record["learning_rate"]}
-        timings["train"] = time.perf_counter() - t0
+        attempts: list[dict[str, Any]] = []
+        for attempt, density in enumerate(densities):
+            if attempt:
+                log(f"target missed at density {densities[attempt - 1]:.3g}: localising again at {density:.3g}")
+                retry = dataclasses.replace(copy.deepcopy(pristine) if pristine else GrinConfig(), density=density)
+                peft_model = get_peft_model(peft_model.unload(), retry)
+            run = _Run(peft_model, wrapped, forget_items, retain_items, heldout_items, eval_items, qa_format)
+            run.localize(localize_kwargs, localize_retain, verbose, point.seed if point else 0)
+            trainer = run.trainer(training_args, refusals, callbacks, point is not None or not verbose)
+            t0 = time.perf_counter()
+            if point is None:
+                before = _probabilities(trainer, peft_model, run.forget_eval, run.retain_eval, original=True)
+                train_metrics = dict(trainer.train().metrics)
+                record = None
+            else:
+                record = run.search(point, training_args, kw, refusals, callbacks, log)
+                before = record["before"]
+                train_metrics = {"steps_run": record["steps_run"], "learning_rate": record["learning_rate"]}
+                attempts.append({"density": density, "target_met": record["target_met"], "after": record["after"]})
+            run.timings["train"] = time.perf_counter() - t0
+            if record is None or record["target_met"]:
+                break
+        if record is not None and len(densities) > 1:
+            record["density_attempts"] = attempts
         eval_metrics = None
         if trainer.eval_dataset is not None:
             t0 = time.perf_counter()
             eval_metrics = trainer.evaluate()
-            timings["evaluate"] = time.perf_counter() - t0
+            run.timings["evaluate"] = time.perf_counter() - t0
         if record is None:
-            after = _probabilities(trainer, peft_model, forget_eval, retain_eval, original=False)
+            after = _probabilities(trainer, peft_model, run.forget_eval, run.retain_eval, original=False)
             log(
                 f"forget prob {before['forget_prob']:.3f} -> {after['forget_prob']:.3f}, retain prob "
                 f"{before['retain_prob']:.3f} -> {after['retain_prob']:.3f} (fixed schedule: no target)"
@@ -274,18 +248,127 @@ def unlearn(
             scratch.cleanup()
     return UnlearnResult(
         peft_model=peft_model,
-        localization=report,
+        localization=run.report,
         train_metrics=train_metrics,
         log_history=list(trainer.state.log_history),
         trainable_entries=int(sum(peft_model.base_model.num_entries().values())),
         wall_time=time.perf_counter() - started,
-        timings=timings,
+        timings=run.timings,
         eval_metrics=eval_metrics,
         trainer=trainer,
         before=before,
         after=after,
         operating_point=record,
     )
+
+
+class _Run:
+    """One localise-and-train attempt on one wrapped model: the pieces `unlearn` chains."""
+
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        wrapped: bool,
+        forget: list[dict[str, Any]],
+        retain: list[dict[str, Any]] | None,
+        heldout: list[dict[str, Any]] | None,
+        eval_items: dict[str, list[dict[str, Any]] | None],
+        qa_format: QAFormat | None,
+    ) -> None:
+        self.peft_model, self.wrapped, self.qa_format = peft_model, wrapped, qa_format
+        self.forget, self.retain, self.heldout, self.eval_items = forget, retain, heldout, eval_items
+        self.forget_eval = eval_items["forget"] or forget
+        self.retain_eval = eval_items["retain"] or retain
+        self.report: Any = None
+        self.timings: dict[str, float] = {}
+
+    def localize(self, localize_kwargs: Mapping[str, Any] | None, limit: int | None, verbose: bool, seed: int) -> None:
+        """Score and select, unless the entries are chosen without data or already there."""
+        config = self.peft_model.peft_config[self.peft_model.active_adapter]
+        if config.selects_at_injection or sum(self.peft_model.base_model.num_entries().values()) > 0:
+            return
+        retain = self.retain
+        if retain is not None:
+            cap = max(len(self.forget), LOCALIZE_RETAIN_MIN) if limit is None else limit
+            retain = _sample(retain, cap, seed)
+        t0 = time.perf_counter()
+        options = {"tokenizer": self.qa_format, "progress": verbose, **(localize_kwargs or {})}
+        try:
+            self.report = self.peft_model.localize(self.forget, retain, **options)
+        except BaseException:
+            if self.wrapped:  # give the caller back the model as it was
+                self.peft_model.unload()
+            raise
+        self.timings["localize"] = time.perf_counter() - t0
+
+    def trainer(
+        self,
+        args: UnlearningArguments,
+        refusals: list[str] | None,
+        callbacks: list[TrainerCallback] | None,
+        quiet: bool,
+    ) -> UnlearningTrainer:
+        try:
+            trainer = UnlearningTrainer(
+                self.peft_model,
+                args,
+                self.forget,
+                self.retain,
+                qa_format=self.qa_format,
+                refusals=refusals,
+                eval_forget_dataset=self.eval_items["forget"],
+                eval_retain_dataset=self.heldout if self.heldout is not None else self.eval_items["retain"],
+                callbacks=callbacks,
+            )
+        except BaseException:
+            if self.wrapped:
+                self.peft_model.unload()
+            raise
+        if quiet:
+            trainer.remove_callback(PrinterCallback)  # the before/after lines say it once
+        return trainer
+
+    def search(
+        self,
+        point: OperatingPoint,
+        args: UnlearningArguments,
+        kw: Mapping[str, Any],
+        refusals: list[str] | None,
+        callbacks: list[TrainerCallback] | None,
+        log: Any,
+    ) -> dict[str, Any]:
+        """The automatic operating point; checkpoints of the best state are kept in memory, not on disk."""
+
+        def segment_trainer(lr: float, max_steps: int, segment: int) -> UnlearningTrainer:
+            settings = {**kw, "learning_rate": lr, "max_steps": max_steps, "save_strategy": "no"}
+            settings["seed"] = kw.get("seed", 42) + segment
+            return self.trainer(_segment_args(args, settings), refusals, callbacks, quiet=True)
+
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return search(
+            self.peft_model,
+            segment_trainer,
+            point,
+            forget_eval=self.forget_eval,
+            heldout=self.heldout,
+            retain_eval=_sample(self.retain, point.max_heldout, point.seed),
+            steps_per_epoch=math.ceil(len(self.forget) / (batch * max(1, args.world_size))),
+            original=self.peft_model.disable_adapter,
+            log=log,
+        )
+
+
+def _density_schedule(model: nn.Module, config: GrinConfig | None, point: OperatingPoint | None) -> list[float | None]:
+    """Densities to try in turn: more only under the automatic operating point, for a model wrapped here whose
+    config leaves the budget to its default (an explicit density or num_entries is kept as given)."""
+    if point is None or point.max_density is None or isinstance(model, PeftModel):
+        return [None]
+    if config is not None and (config.density is not None or config.num_entries is not None):
+        return [None]
+    densities = [DEFAULT_DENSITY]
+    while densities[-1] < point.max_density:
+        densities.append(min(densities[-1] * point.density_growth, point.max_density))
+    return densities
 
 
 def _operating_point(
