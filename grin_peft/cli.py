@@ -301,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective", default="npo", help="grad_ascent, grad_diff, npo (default), simnpo, idk_nll, idk_dpo"
     )
     p.add_argument("--refusals", help="text file of refusal answers, one per line (idk_nll, idk_dpo)")
-    p.add_argument("--density", type=float, default=1e-3, help="fraction of targeted entries to train (1e-3)")
+    p.add_argument(
+        "--density",
+        type=float,
+        help="fraction of targeted entries to train; default 1e-3, and the automatic operating point retries at 5x "
+        "(up to 0.25) when the target is missed; an explicit value is kept",
+    )
     p.add_argument("--score", default="gradient_ratio", help="entry score (gradient_ratio, random, magnitude, ...)")
     p.add_argument("--target-modules", default="all-linear", help="modules to adapt (default all-linear)")
     p.add_argument("--noise-std", type=float, default=0.1, help="injected noise, times each tensor's std (0.1)")

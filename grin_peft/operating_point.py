@@ -16,9 +16,11 @@ of the retain data, which training and localisation never see, at least a fracti
    fades once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest
    forget probability above the floor and continues at the grid's next smaller rate; a pace
    too slow to reach the target within the budget continues from the current state at three times the rate (both
-   bounded by ``max_adjustments`` and the grid's ends). Once the target is met, training goes on while held-out
-   retain keeps improving (NPO's forget gradient fades and the retain term repairs), for at most ``patience``
-   evaluations without improvement.
+   bounded by ``max_adjustments`` and the grid's ends). A rollback whose best path so far lost more than twice the
+   held-out retain probability per unit of forgetting that the target allows ends the search: smaller rates move
+   along much the same path (and `unlearn` may try a larger density). Once the target is met, training goes on
+   while held-out retain keeps improving (NPO's forget gradient fades and the retain term repairs), for at most
+   ``patience`` evaluations without improvement.
 3. **Keep** the best evaluated state by one printed rule: among states that met the target and kept the floor, the
    highest held-out retain probability; if none met the target, the lowest forget probability among states that
    kept the floor; otherwise the starting state.
@@ -76,7 +78,8 @@ class OperatingPoint:
     max_heldout: int = field(default=200, metadata={"help": "At most this many held-out retain items."})
     max_epochs: float = field(default=20.0, metadata={"help": "Step budget, in passes over the forget set."})
     eval_every: int | None = field(
-        default=None, metadata={"help": "Steps between evaluations; default half an epoch (at least 1)."}
+        default=None,
+        metadata={"help": "Steps between evaluations; default half an epoch, at most probe_steps (at least 1)."},
     )
     lr_grid: tuple[float, ...] = field(
         default=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
@@ -202,7 +205,7 @@ class _Search:
         self.forget_eval, self.heldout = list(forget_eval), list(heldout)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.budget = max(1, math.ceil(point.max_epochs * self.steps_per_epoch))
-        self.eval_every = point.eval_every or max(1, self.steps_per_epoch // 2)
+        self.eval_every = point.eval_every or max(1, min(self.steps_per_epoch // 2, point.probe_steps))
         self.history: list[_Evaluation] = []
         self.segments: list[dict[str, Any]] = []
         self.best: tuple[_Evaluation, dict[str, torch.Tensor]] | None = None  # met the target
@@ -210,6 +213,7 @@ class _Search:
         self.since_improvement = 0
         self.below_floor = 0  # consecutive evaluations below the floor
         self.steps_done = 0
+        self.gave_up = False
 
     # -------------------------------------------------------------------------------------------- probes
     def probe(self, start_forget: float, target: float) -> tuple[float, list[dict[str, Any]]]:
@@ -308,6 +312,24 @@ class _Search:
         faster_exists = any(g > lr for g in self.point.lr_grid)
         return "faster" if faster_exists and self._too_slow(target) else "continue"
 
+    def hopeless(self, before: dict[str, float], target: float, floor: float) -> bool:
+        """At a rollback: the best path so far paid more than twice the held-out retain per unit of forgetting that
+        the target allows, so smaller rates will not get there either (they move along much the same path)."""
+        if self.fallback is None:
+            return False
+        best = self.fallback[0]
+        removed = before["forget_prob"] - best.forget
+        allowed = (before["heldout_retain_prob"] - floor) / max(before["forget_prob"] - target, 1e-12)
+        paid = (before["heldout_retain_prob"] - best.heldout) / removed if removed > 0.05 else math.inf
+        if paid <= 2 * allowed:
+            return False
+        self.log(
+            f"  stopping: the best path so far lost {paid:.2f} held-out retain per unit of forget probability, the "
+            f"target allows {allowed:.2f}; this budget cannot reach it"
+        )
+        self.gave_up = True
+        return True
+
     def _too_slow(self, target: float) -> bool:
         """Linear pace of the last two evaluations in this segment cannot reach the target within the budget."""
         segment = [e for e in self.history if e.step > self.segments[-1]["start_step"]]
@@ -400,6 +422,8 @@ def search(
             log(f"  stopping: {adjustments} rate adjustments made (max_adjustments)")
             break
         if outcome == "rollback":
+            if search_state.hopeless(before, target, floor):
+                break
             _restore(model, search_state.fallback[1] if search_state.fallback else start_state)
             smaller = [g for g in grid if g < lr]
             if not smaller:
@@ -436,6 +460,7 @@ def search(
         "steps": chosen_eval.step if chosen_eval else 0,
         "steps_run": search_state.steps_done,
         "budget_steps": search_state.budget,
+        "gave_up": search_state.gave_up,
         "eval_every": search_state.eval_every,
         "probes": probes,
         "segments": search_state.segments,

@@ -129,6 +129,34 @@ def test_a_pace_too_slow_for_the_budget_asks_for_a_larger_rate():
     assert observe(search, 10, forget=0.89, heldout=0.95) == "continue"  # no larger rate to go to
 
 
+def test_a_rollback_on_a_path_far_too_costly_for_the_target_ends_the_search():
+    before = {"forget_prob": 0.99, "heldout_retain_prob": 0.99}  # target 0.2, floor 0.8: 0.24 retain per unit
+    search = scripted_search()
+    observe(search, 5, forget=0.7, heldout=0.81)  # paid 0.18 / 0.29 = 0.62 > 2 x 0.24
+    assert search.hopeless(before, target=0.2, floor=0.8) and search.gave_up
+    search = scripted_search()
+    observe(search, 5, forget=0.5, heldout=0.95)  # paid 0.04 / 0.49 = 0.08
+    assert not search.hopeless(before, target=0.2, floor=0.8)
+    assert not scripted_search().hopeless(before, target=0.2, floor=0.8)  # nothing to judge yet
+
+
+@pytest.mark.parametrize(
+    "config, point, expected",
+    [
+        (None, OperatingPoint(), [1e-3, 5e-3, 2.5e-2, 0.125, 0.25]),
+        (GrinConfig(), OperatingPoint(max_density=0.05, density_growth=10), [1e-3, 1e-2, 0.05]),
+        (GrinConfig(density=1e-3), OperatingPoint(), [None]),  # explicit: kept as given
+        (GrinConfig(num_entries=10), OperatingPoint(), [None]),
+        (None, OperatingPoint(max_density=None), [None]),
+        (None, None, [None]),  # fixed schedule
+    ],
+)
+def test_density_attempts_grow_only_a_default_budget(config, point, expected):
+    from grin_peft.pipeline import _density_schedule
+
+    assert _density_schedule(nn.Linear(2, 2), config, point) == pytest.approx(expected)
+
+
 # --------------------------------------------------------------------------------------------- end to end
 
 
