@@ -14,7 +14,8 @@ of the retain data, which training and localisation never see, at least a fracti
 2. **Train** under watch: forget and held-out retain probabilities (teacher-forced, batched) every ``eval_every``
    steps. Breaking the retain floor for more than ``patience`` evaluations in a row (NPO's forget gradient
    fades once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest
-   forget probability above the floor and continues at the grid's next smaller rate; a pace
+   forget probability above the floor and continues with the objective's retain weight tripled (twice at most:
+   that changes the path's direction, a smaller rate mostly does not), then at the grid's next smaller rate; a pace
    too slow to reach the target within the budget continues from the current state at three times the rate (both
    bounded by ``max_adjustments`` and the grid's ends). A rollback whose best path so far lost more than twice the
    held-out retain probability per unit of forgetting that the target allows ends the search: smaller rates move
@@ -90,7 +91,15 @@ class OperatingPoint:
     patience: int = field(
         default=2, metadata={"help": "Evaluations without held-out improvement after the target is met."}
     )
-    max_adjustments: int = field(default=4, metadata={"help": "Rate changes (rollbacks + speed-ups) allowed."})
+    max_adjustments: int = field(
+        default=6, metadata={"help": "Changes of rate or retain weight (rollbacks + speed-ups) allowed."}
+    )
+    retain_growth: float = field(
+        default=3.0, metadata={"help": "A rollback first multiplies the objective's retain weight by this."}
+    )
+    max_retain_growths: int = field(
+        default=2, metadata={"help": "How many times the retain weight may grow before rollbacks lower the rate."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the held-out split and the probe slices."})
     max_density: float | None = field(
         default=0.25,
@@ -122,7 +131,7 @@ class OperatingPoint:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GrinError(f"{name}={value!r} must be a positive integer.")
-        for name in ("patience", "max_adjustments"):
+        for name in ("patience", "max_adjustments", "max_retain_growths"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise GrinError(f"{name}={value!r} must be a non-negative integer.")
@@ -130,6 +139,8 @@ class OperatingPoint:
             raise GrinError(f"eval_every={self.eval_every!r} must be a positive integer or None.")
         if self.max_density is not None and not 0 < self.max_density <= 1:
             raise GrinError(f"max_density={self.max_density!r} must lie in (0, 1] or be None.")
+        if not self.retain_growth >= 1:
+            raise GrinError(f"retain_growth={self.retain_growth!r} must be at least 1.")
         if not self.density_growth > 1:
             raise GrinError(f"density_growth={self.density_growth!r} must be greater than 1.")
         if not self.max_epochs > 0:
@@ -160,13 +171,15 @@ def split_heldout(retain: Sequence[Any], point: OperatingPoint) -> tuple[list[An
 
 # ----------------------------------------------------------------------------------------------------- the search
 
-TrainerFactory = Callable[[float, int, int], Any]  # (learning rate, max steps, segment index) -> UnlearningTrainer
+# (learning rate, max steps, segment index, retain weight or None for the objective's own) -> UnlearningTrainer
+TrainerFactory = Callable[[float, int, int, "float | None"], Any]
 
 
 @dataclass
 class _Evaluation:
     step: int
     lr: float
+    retain_weight: float | None
     forget: float
     heldout: float
     meets_target: bool
@@ -223,14 +236,14 @@ class _Search:
         held_slice = rng.sample(self.heldout, min(self.point.probe_items, len(self.heldout)))
         initial = _snapshot(self.model)
         steps = min(self.point.probe_steps, self.budget)
-        trainer0 = self.make_trainer(self.point.lr_grid[0], steps, 0)
+        trainer0 = self.make_trainer(self.point.lr_grid[0], steps, 0, None)
         f0, h0 = _mean_prob(trainer0, forget_slice), _mean_prob(trainer0, held_slice)
         # pace: the probe's share of the forget drop needed to reach the target in half the budget
         needed = max(0.0, start_forget - target) * steps / max(1.0, self.budget / 2)
         probes = []
         for index, lr in enumerate(self.point.lr_grid):
             _restore(self.model, initial)
-            trainer = trainer0 if index == 0 else self.make_trainer(lr, steps, 0)
+            trainer = trainer0 if index == 0 else self.make_trainer(lr, steps, 0, None)
             trainer.train()
             f, h = _mean_prob(trainer, forget_slice), _mean_prob(trainer, held_slice)
             removed, lost = f0 - f, max(0.0, h0 - h)
@@ -268,11 +281,12 @@ class _Search:
         return chosen, probes
 
     # -------------------------------------------------------------------------------------------- training
-    def observe(self, trainer: Any, lr: float, target: float, floor: float) -> str:
+    def observe(self, trainer: Any, lr: float, target: float, floor: float, retain_weight: float | None = None) -> str:
         """Evaluate now; return 'continue', 'done', 'rollback' or 'faster'."""
         evaluation = _Evaluation(
             step=self.steps_done,
             lr=lr,
+            retain_weight=retain_weight,
             forget=_mean_prob(trainer, self.forget_eval),
             heldout=_mean_prob(trainer, self.heldout),
             meets_target=False,
@@ -340,26 +354,34 @@ class _Search:
         remaining = self.budget - self.steps_done
         return pace <= 0 or (b.forget - target) / pace > remaining
 
-    def run_segment(self, lr: float, target: float, floor: float) -> str:
+    def run_segment(self, lr: float, retain_weight: float | None, target: float, floor: float) -> str:
         from transformers import TrainerCallback
 
         search = self
         index = len(self.segments)
-        self.segments.append({"lr": lr, "start_step": self.steps_done, "end_step": None, "outcome": None})
+        self.segments.append(
+            {
+                "lr": lr,
+                "retain_weight": retain_weight,
+                "start_step": self.steps_done,
+                "end_step": None,
+                "outcome": None,
+            }
+        )
         outcome = ["budget"]
 
         class Watch(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 search.steps_done += 1
                 if state.global_step % search.eval_every == 0 or search.steps_done >= search.budget:
-                    decision = search.observe(trainer, lr, target, floor)
+                    decision = search.observe(trainer, lr, target, floor, retain_weight)
                     if decision != "continue":
                         outcome[0] = decision
                         control.should_training_stop = True
                 return control
 
         self.below_floor = 0
-        trainer = self.make_trainer(lr, self.budget - self.steps_done, index)
+        trainer = self.make_trainer(lr, self.budget - self.steps_done, index, retain_weight)
         trainer.add_callback(Watch())
         trainer.train()
         self.segments[-1].update(end_step=self.steps_done, outcome=outcome[0])
@@ -376,18 +398,22 @@ def search(
     retain_eval: Sequence[Any],
     steps_per_epoch: int,
     original: Callable[[], Any],
+    retain_weight: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the probe, the watched training and the final choice; leave ``model`` in the chosen state.
 
     Args:
         model: the model being trained; only its ``requires_grad`` parameters are snapshotted and restored.
-        make_trainer: ``(learning_rate, max_steps, segment) -> UnlearningTrainer`` over the training data (never
-            the held-out slice), with ``save_strategy="no"``.
+        make_trainer: ``(learning_rate, max_steps, segment, retain_weight) -> UnlearningTrainer`` over the training
+            data (never the held-out slice), with ``save_strategy="no"``; ``retain_weight`` None means the
+            objective's own.
         forget_eval, heldout, retain_eval: encoded examples scored for the target, the floor and the report.
         steps_per_epoch: optimizer steps per pass over the forget set (sets the budget and the default interval).
         original: a context manager factory under which ``model`` behaves as the original model (the adapter
             disabled), for the starting numbers.
+        retain_weight: the objective's retain NLL weight, which a rollback may multiply by ``retain_growth``;
+            None when the objective has no retain NLL term.
         log: where progress lines go.
 
     Returns:
@@ -396,7 +422,7 @@ def search(
     point.validate()
     started = time.perf_counter()
     search_state = _Search(model, make_trainer, point, forget_eval, heldout, steps_per_epoch, log)
-    scorer = make_trainer(point.lr_grid[0], 1, 0)
+    scorer = make_trainer(point.lr_grid[0], 1, 0, None)
     with original():
         before = {
             "forget_prob": _mean_prob(scorer, forget_eval),
@@ -412,15 +438,26 @@ def search(
     )
     start_state = _snapshot(model)
     lr, probes = search_state.probe(before["forget_prob"], target)
-    adjustments = 0
+    adjustments = boosts = 0
     grid = point.lr_grid
+    weight = retain_weight
     while search_state.steps_done < search_state.budget:
-        outcome = search_state.run_segment(lr, target, floor)
+        outcome = search_state.run_segment(lr, weight, target, floor)
         if outcome in ("done", "budget"):
             break
         if adjustments >= point.max_adjustments:
             log(f"  stopping: {adjustments} rate adjustments made (max_adjustments)")
             break
+        if outcome == "rollback" and weight is not None and boosts < point.max_retain_growths:
+            # the path costs too much retain: weigh the retain term more (changes the direction, a smaller rate
+            # mostly does not)
+            _restore(model, search_state.fallback[1] if search_state.fallback else start_state)
+            log(f"  held-out retain fell below the floor: back to the best state, retain weight {weight:.3g} -> "
+                f"{weight * point.retain_growth:.3g}")  # fmt: skip
+            weight *= point.retain_growth
+            boosts += 1
+            adjustments += 1
+            continue
         if outcome == "rollback":
             if search_state.hopeless(before, target, floor):
                 break
@@ -457,6 +494,7 @@ def search(
         "selection_rule": SELECTION_RULE,
         "target_met": met,
         "learning_rate": chosen_eval.lr if chosen_eval else lr,
+        "retain_weight": chosen_eval.retain_weight if chosen_eval else weight,
         "steps": chosen_eval.step if chosen_eval else 0,
         "steps_run": search_state.steps_done,
         "budget_steps": search_state.budget,

@@ -339,12 +339,15 @@ class _Run:
     ) -> dict[str, Any]:
         """The automatic operating point; checkpoints of the best state are kept in memory, not on disk."""
 
-        def segment_trainer(lr: float, max_steps: int, segment: int) -> UnlearningTrainer:
+        def segment_trainer(lr: float, max_steps: int, segment: int, retain_weight: float | None) -> UnlearningTrainer:
             settings = {**kw, "learning_rate": lr, "max_steps": max_steps, "save_strategy": "no"}
             settings["seed"] = kw.get("seed", 42) + segment
+            if retain_weight is not None:
+                settings["retain_weight"] = retain_weight
             return self.trainer(_segment_args(args, settings), refusals, callbacks, quiet=True)
 
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        retain_weight = getattr(args.build_objective(), "retain_weight", 0.0)
         return search(
             self.peft_model,
             segment_trainer,
@@ -354,6 +357,7 @@ class _Run:
             retain_eval=_sample(self.retain, point.max_heldout, point.seed),
             steps_per_epoch=math.ceil(len(self.forget) / (batch * max(1, args.world_size))),
             original=self.peft_model.disable_adapter,
+            retain_weight=retain_weight if retain_weight > 0 else None,
             log=log,
         )
 
