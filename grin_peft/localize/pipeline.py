@@ -19,7 +19,7 @@ from ..config import GrinConfig
 from ..data import IGNORE_INDEX, QACollator, encode_items, pad_token_id
 from ..errors import GrinError
 from .report import SCORE_QUANTILES, LocalizationReport, ModuleDensity, split_module_name
-from .scores import Scorer, accumulation_plan, build_scorer, check_config, grad_unit, nonneg_quantiles
+from .scores import Scorer, accumulation_plan, build_scorer, check_config, grad_unit, quantiles
 from .select import resolve_budget
 from .statistics import World, collect_statistic
 
@@ -33,6 +33,7 @@ SETTINGS = (
     "selection",
     "ssd_alpha",
     "wagle_mu",
+    "leverage_pool",
     "noise_std",
     "noise_scale",
     "seed",
@@ -319,7 +320,7 @@ def _report(
         modules.append(ModuleDensity(name, layer_index, kind, layer.grin_numel, count))
     total = sum(m.numel for m in modules)
     names = list(layers)
-    quantiles = nonneg_quantiles(names, scorer.score, SCORE_QUANTILES)
+    score_quantiles = quantiles(names, scorer.score, SCORE_QUANTILES)
     threshold = None
     for name in names:
         idx = selected.get(name)
@@ -327,18 +328,7 @@ def _report(
             scores = scorer.score(name).reshape(-1)
             low = float(scores[idx.to(scores.device)].min())
             threshold = low if threshold is None else min(threshold, low)
-    mass: dict[str, float | None] = {}
-    if not config.selects_at_injection:
-        sums = {"forget": [0.0, 0.0], "retain": [0.0, 0.0]}
-        for name in names:
-            idx = selected.get(name, torch.zeros(0, dtype=torch.long))
-            for what, part in zip(("forget", "retain"), scorer.parts(name)):
-                if part is None:
-                    continue
-                flat = part.reshape(-1)
-                sums[what][0] += float(flat[idx.to(flat.device)].double().sum())
-                sums[what][1] += float(flat.double().sum())
-        mass = {what: (s / t if t > 0 else None) for what, (s, t) in sums.items()}
+    mass = {} if config.selects_at_injection else selection_mass(names, scorer, selected)
     notes = []
     eligible = scorer.info.get("ssd_eligible")
     if eligible is not None and eligible < k:
@@ -354,10 +344,27 @@ def _report(
         settings=settings,
         budget={"entries": k, "targeted": total, "density": k / total, "selection": config.selection},
         modules=modules,
-        score_quantiles={f"{q:g}": v for q, v in zip(SCORE_QUANTILES, quantiles)},
+        score_quantiles={f"{q:g}": v for q, v in zip(SCORE_QUANTILES, score_quantiles)},
         score_threshold=threshold,
         mass=mass,
         info=dict(scorer.info),
         world_size=world.size,
         notes=notes,
     )
+
+
+def selection_mass(names: list[str], scorer: Scorer, selected: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """The share of the forget and the retain statistic behind the score that the selected entries hold (None for a
+    statistic the score did not use, or one that is 0 everywhere)."""
+    sums = {"forget": [0.0, 0.0], "retain": [0.0, 0.0]}
+    used = set()
+    for name in names:
+        idx = selected.get(name, torch.zeros(0, dtype=torch.long))
+        for what, part in zip(("forget", "retain"), scorer.parts(name)):
+            if part is None:
+                continue
+            used.add(what)
+            flat = part.reshape(-1)
+            sums[what][0] += float(flat[idx.to(flat.device).long()].double().sum())
+            sums[what][1] += float(flat.double().sum())
+    return {what: (s / t if what in used and t > 0 else None) for what, (s, t) in sums.items()}
