@@ -178,6 +178,36 @@ class GrinConfig(PeftConfig):
             )
         },
     )
+    relocalize_every: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Re-localisation during training: every this many optimizer steps, rescore at the current weights "
+                "(base + delta) with the same score and add relocalize_grow x budget new entries (trained entries "
+                "keep their values; new ones start at 0). UnlearningTrainer does it by itself; with another "
+                "transformers Trainer add grin_peft.relocalize.RelocalizeCallback(forget, retain). None (default): "
+                "the support stays as localized."
+            )
+        },
+    )
+    relocalize_grow: float = field(
+        default=0.1,
+        metadata={
+            "help": (
+                "Entries added at each re-localisation, as a fraction of the initial budget (density x targeted "
+                "entries, or num_entries), rounded, at least 1. > 0. Default 0.1."
+            )
+        },
+    )
+    relocalize_noise: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "True: entries added by re-localisation start at noise (noise_std in units of noise_scale) instead "
+                "of 0. Default False: growing the support then does not change the model's output."
+            )
+        },
+    )
     noise_std: float = field(
         default=0.1,
         metadata={
@@ -275,6 +305,20 @@ class GrinConfig(PeftConfig):
             raise GrinError(f"GrinConfig.ssd_alpha={self.ssd_alpha!r} must be positive.")
         if not _is_real(self.leverage_pool) or not math.isfinite(self.leverage_pool) or not self.leverage_pool >= 1:
             raise GrinError(f"GrinConfig.leverage_pool={self.leverage_pool!r} must be a finite number >= 1.")
+        if self.relocalize_every is not None and (
+            not isinstance(self.relocalize_every, int)
+            or isinstance(self.relocalize_every, bool)
+            or self.relocalize_every < 1
+        ):
+            raise GrinError(
+                f"GrinConfig.relocalize_every={self.relocalize_every!r} must be a positive integer (optimizer steps) "
+                "or None."
+            )
+        grow = self.relocalize_grow
+        if not _is_real(grow) or not math.isfinite(grow) or not grow > 0:
+            raise GrinError(f"GrinConfig.relocalize_grow={self.relocalize_grow!r} must be a finite number > 0.")
+        if not isinstance(self.relocalize_noise, bool):
+            raise GrinError(f"GrinConfig.relocalize_noise={self.relocalize_noise!r} must be True or False.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise GrinError(f"GrinConfig.seed={self.seed!r} must be an integer.")
         if self.layers_pattern and not self.layers_to_transform:

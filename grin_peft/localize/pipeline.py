@@ -204,6 +204,47 @@ def compute_scores(
     return _scores(tuner, config, layers, forget, retain, tokenizer, batch_size, max_batches, progress, group)
 
 
+def current_scores(
+    tuner: Any,
+    forget: Any,
+    retain: Any = None,
+    adapter_name: str = "default",
+    *,
+    budget: int | None = None,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: bool = False,
+    group: Any = None,
+) -> Scores:
+    """Score every targeted entry at the weights the model computes with now (base + active deltas), for
+    re-localisation during training.
+
+    As :func:`compute_scores`, except that the gradients are taken with the adapters on (the taps see the layers'
+    outputs including the delta, so ``grad_y^T x`` is the gradient at the current weights), ``wagle``'s ``w`` is the
+    current weight and ``budget`` sizes ``leverage_ratio``'s pool (default: the config's budget). Data-free scores
+    have no statistics: :mod:`grin_peft.relocalize` scores them itself.
+    """
+    config, layers, _ = _check_adapter(tuner, adapter_name)
+    if config.selects_at_injection:
+        raise GrinError(f"score={config.score!r} needs no data; it has no gradient statistics.")
+    return _scores(
+        tuner, config, layers, forget, retain, tokenizer, batch_size, max_batches, progress, group, True, budget
+    )
+
+
+def current_weight(layer: Any) -> torch.Tensor:
+    """The weight a GRIN layer computes with now, in float32: the base (dequantized) plus every active, unmerged
+    adapter's delta (a merged delta is already in the base)."""
+    weight = layer._grin_weight().detach().float()
+    if layer.disable_adapters or layer.merged:
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.grin_values and layer.grin_values[adapter].numel():
+            weight = weight + layer.get_delta_weight(adapter).detach().float()
+    return weight
+
+
 def _scores(
     tuner: Any,
     config: GrinConfig,
@@ -215,6 +256,8 @@ def _scores(
     max_batches: int | None,
     progress: bool,
     group: Any,
+    current: bool = False,
+    budget: int | None = None,
 ) -> Scores:
     world = World.current(group)
     _check_positive("batch_size", batch_size)
@@ -240,6 +283,7 @@ def _scores(
             progress=progress,
             desc=f"GRIN {what} gradients",
             total=batches[what].total,
+            adapters=current,
         )
         stats[what] = stat
         timings[f"{what}_pass"] = stat.seconds
@@ -250,7 +294,9 @@ def _scores(
             "answer_tokens": stat.tokens,
             "statistic": kind,
         }
-    return Scores(build_scorer(config, layers, stats["forget"], stats.get("retain")), data, timings, world)
+    weight = (lambda name: current_weight(layers[name])) if current else None
+    scorer = build_scorer(config, layers, stats["forget"], stats.get("retain"), budget=budget, weight=weight)
+    return Scores(scorer, data, timings, world)
 
 
 def localize(

@@ -36,6 +36,10 @@ The paper's stated form, ``|sum_u g_f,u| / (|sum_u g_r,u| + eps)``, is ``gradien
 
 ``random`` and ``magnitude`` need no data; :class:`~grin_peft.model.GrinModel` scores them.
 
+Re-localisation (:mod:`grin_peft.relocalize`) evaluates the same formulas at the current weights (base + delta):
+the gradients are taken there, ``w`` in ``wagle`` is the current weight and ``k`` in ``leverage_ratio`` the
+support's size after growing.
+
 Normalisation by ``N`` never changes a ranking except through an absolute eps: with ``eps_mode='quantile'`` the
 eps scales with ``A_r``.
 """
@@ -191,11 +195,13 @@ def build_scorer(
     retain: Statistic | None,
     *,
     budget: int | None = None,
+    weight: Callable[[str], torch.Tensor] | None = None,
 ) -> Scorer:
     """Normalise the accumulators in place and return the configured score over them.
 
     The accumulators are reused as the normalised statistics, so scoring adds only one module's score at a time.
-    ``budget`` (default: the config's) sizes ``leverage_ratio``'s pool.
+    ``budget`` (default: the config's) sizes ``leverage_ratio``'s pool; ``weight`` gives ``wagle``'s ``w`` per module
+    (default: the base weight; re-localisation passes the current one).
     """
     score = config.score
     if score in ("ssd", "squared_ratio"):
@@ -257,8 +263,9 @@ def build_scorer(
         return Scorer(ssd, lambda name: (f[name], r[name]), {"ssd_eligible": eligible})
     if score == "wagle":
         mu = float(config.wagle_mu)
+        weight = weight or (lambda name: layers[name]._grin_weight())
         return Scorer(
-            lambda name: ((layers[name]._grin_weight().detach().float() - r[name] / mu) * f[name]).abs_(),
+            lambda name: ((weight(name).detach().float() - r[name] / mu) * f[name]).abs_(),
             lambda name: (f[name].abs(), r[name].abs()),
         )
     if score == "squared_ratio":
