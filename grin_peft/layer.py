@@ -281,6 +281,31 @@ class GrinLayer(BaseTunerLayer):
             result = result + delta
         return result
 
+    def grow_grin_entries(
+        self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None, module_name: str = ""
+    ) -> torch.Tensor:
+        """Add entries to an adapter, keeping the existing ones with their values (re-localisation).
+
+        ``indices`` are new flat positions (sorted, none already in the adapter), ``values`` their initial values
+        (default 0). The grown delta replaces ``grin_values[adapter_name]`` by a new Parameter (an optimizer must be
+        pointed at it). Returns where the existing entries now sit in the grown delta, to move optimizer state.
+        """
+        name = module_name or type(self).__name__
+        old_idx = self.grin_indices[adapter_name].long()
+        old_values = self.grin_values[adapter_name].detach()
+        indices = indices.to(old_idx.device).long()
+        if values is None:
+            values = torch.zeros(indices.numel(), dtype=torch.float32, device=old_idx.device)
+        validate_entries(name, indices, values, self.grin_numel)
+        if bool(torch.isin(indices, old_idx).any()):
+            raise GrinError(f"{name}: some entries to add are already in adapter '{adapter_name}'.")
+        union, order = torch.sort(torch.cat([old_idx, indices]))
+        grown = torch.cat([old_values.float(), values.to(old_idx.device).float()])[order]
+        self.set_grin_entries(adapter_name, union, grown, module_name=module_name)
+        positions = torch.empty_like(order)
+        positions[order] = torch.arange(order.numel(), device=order.device)
+        return positions[: old_idx.numel()]
+
 
 class Linear(nn.Module, GrinLayer):
     """GRIN on `torch.nn.Linear` and on transformers' `Conv1D` (GPT-2), whose weight is stored transposed."""

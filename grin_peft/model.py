@@ -218,6 +218,38 @@ class GrinModel(BaseTuner):
         for name, (idx, init) in plan.items():
             layers[name].set_grin_entries(adapter_name, idx, init, module_name=name)
 
+    def grow_entries(
+        self, adapter_name: str, added: dict[str, torch.Tensor], values: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, tuple[nn.Parameter, nn.Parameter, torch.Tensor]]:
+        """Add entries to an adapter, keeping its entries and their trained values (re-localisation).
+
+        ``added`` maps module names to new flat indices (none already selected), ``values`` to their initial values
+        (default 0; no noise is added here). Everything is checked before the first layer changes. Returns, per grown
+        module, ``(old Parameter, new Parameter, positions of the old entries in the new one)``: an optimizer holding
+        the old Parameter must be pointed at the new one (:func:`grin_peft.relocalize.replace_in_optimizer`).
+        """
+        layers = self.grin_layers(adapter_name)
+        plan = {}
+        for name, idx in added.items():
+            if name not in layers:
+                raise GrinError(f"no GRIN layer named {name} for adapter '{adapter_name}'.")
+            layer = layers[name]
+            if adapter_name in layer.merged_adapters:
+                raise GrinError(f"{name}: unmerge adapter '{adapter_name}' before growing it.")
+            idx = idx.detach().long().cpu()
+            init = values[name].detach().float().cpu() if values and name in values else torch.zeros(idx.numel())
+            validate_entries(name, idx, init, layer.grin_numel)
+            if bool(torch.isin(idx, layer.grin_indices[adapter_name].long().cpu()).any()):
+                raise GrinError(f"{name}: some entries to add are already in adapter '{adapter_name}'.")
+            if idx.numel():
+                plan[name] = (idx, init)
+        grown = {}
+        for name, (idx, init) in plan.items():
+            old = layers[name].grin_values[adapter_name]
+            positions = layers[name].grow_grin_entries(adapter_name, idx, init, module_name=name)
+            grown[name] = (old, layers[name].grin_values[adapter_name], positions)
+        return grown
+
     def localize(self, forget, retain=None, adapter_name: str | None = None, **kwargs: Any):
         """Score entries on forget/retain data, select the budget, inject noise; see `grin_peft.localize.localize`."""
         from .localize.pipeline import localize

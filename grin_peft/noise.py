@@ -24,15 +24,17 @@ def noise_values(
     scale: str,
     seed: int,
     module_name: str,
+    purpose: str = "noise",
 ) -> torch.Tensor:
     """Noise for the selected entries of one weight, in float32.
 
     scale='absolute': N(0, std^2); 'weight': std * |w_i| * N(0, 1) per entry; 'tensor_std': std * std(W) * N(0, 1).
+    ``purpose`` names the random stream (re-localisation draws a fresh one per growth step).
     """
     n = indices.numel()
     if std == 0 or n == 0:
         return torch.zeros(n, dtype=torch.float32)
-    standard = torch.randn(n, generator=module_generator(seed, module_name, "noise"), dtype=torch.float32)
+    standard = torch.randn(n, generator=module_generator(seed, module_name, purpose), dtype=torch.float32)
     if scale == "absolute":
         factor = torch.tensor(float(std))
     elif scale == "weight":

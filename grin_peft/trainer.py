@@ -395,7 +395,9 @@ class UnlearningTrainer(Trainer):
             one (called only when the objective needs a reference). Required for a plain model with such an
             objective; with a `PeftModel` it replaces the default reference (the model with its adapter disabled).
             It is put in eval mode, frozen and moved to the training device.
-        callbacks, optimizers, optimizer_cls_and_kwargs: as in `Trainer`.
+        callbacks, optimizers, optimizer_cls_and_kwargs: as in `Trainer`. A GRIN adapter whose config sets
+            ``relocalize_every`` gets a :class:`~grin_peft.relocalize.RelocalizeCallback` on the forget and retain
+            sets unless ``callbacks`` holds one.
     """
 
     # compute_loss returns a per-micro-batch mean: Trainer divides it by the accumulation steps.
@@ -492,6 +494,9 @@ class UnlearningTrainer(Trainer):
         )
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
+        from .relocalize import attach_relocalization
+
+        attach_relocalization(self, model, forget, retain)  # when the GRIN config sets relocalize_every
 
     # ------------------------------------------------------------------------------------------- data plumbing
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler:

@@ -679,3 +679,236 @@ def test_non_finite_gradients_are_reported(planted):
     broken.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("inf")
     with pytest.raises(GrinError, match="NaN/Inf"):
         grin(broken).localize(forget, retain, progress=False)
+
+
+# --------------------------------------------------------------------------------------------- selection with leverage
+
+
+class TwoLinear(torch.nn.Module):
+    """Two small linear layers: 6 + 4 entries, few enough to rank by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2, bias=False)
+        self.b = torch.nn.Linear(2, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+# Hand-chosen statistics (flat, row-major). Ratio A_f / (A_r + 1):
+#   a: 8/5=1.6  1/1=1  4/2=2  6/4=1.5  2/9=0.22  7/2=3.5      b: 5/6=0.83  3/1=3  0/2=0  9/10=0.9
+HAND_F = {"a": [8.0, 1, 4, 6, 2, 7], "b": [5.0, 3, 0, 9]}
+HAND_R = {"a": [4.0, 0, 1, 3, 8, 1], "b": [5.0, 0, 1, 9]}
+
+
+def hand_selection(score: str, f=HAND_F, r=HAND_R, **options):
+    """Select from given statistics (normalization='none', so A is what is given) on TwoLinear."""
+    from grin_peft.localize.scores import build_scorer
+    from grin_peft.localize.statistics import Statistic
+
+    config = GrinConfig(
+        target_modules=["a", "b"], score=score, normalization="none", eps_mode="absolute", noise_std=0.0, **options
+    )
+    tuner = get_peft_model(TwoLinear(), config).base_model
+    layers = tuner.grin_layers("default")
+    shapes = {"a": (2, 3), "b": (2, 2)}
+
+    def stat(values):
+        tensors = {name: torch.tensor(v, dtype=torch.float32).reshape(shapes[name]) for name, v in values.items()}
+        return Statistic("sq", "example", tensors, batches=1, examples=1, units=1, tokens=1)
+
+    scorer = build_scorer(tuner.peft_config["default"], layers, stat(f), stat(r))
+    chosen = tuner.select_entries("default", scorer.score)
+    return {name: idx.tolist() for name, idx in chosen.items()}, scorer
+
+
+@pytest.mark.parametrize(
+    "pool, expected",
+    [
+        # pool = round(1 x 3) = 3 largest A_f: b3 (9), a0 (8), a5 (7); all of them are selected
+        (1.0, {"a": [0, 5], "b": [3]}),
+        # pool = 6 largest A_f (9, 8, 7, 6, 5, 4): b3, a0, a5, a3, b0, a2; best ratios a5 3.5, a2 2, a0 1.6. The plain
+        # ratio's second best, b1 (3), has A_f 3 and stays out
+        (2.0, {"a": [0, 2, 5], "b": []}),
+        # pool 1.5 x 3 = 4.5 rounds to 4 (half to even): b3, a0, a5, a3 -> a5 3.5, a0 1.6, a3 1.5
+        (1.5, {"a": [0, 3, 5], "b": []}),
+        # a pool of every entry: the plain gradient ratio (a5 3.5, b1 3, a2 2)
+        (100.0, {"a": [2, 5], "b": [1]}),
+    ],
+)
+def test_leverage_ratio_ranks_the_ratio_only_among_the_top_forget_entries(pool, expected):
+    chosen, scorer = hand_selection("leverage_ratio", num_entries=3, eps=1.0, leverage_pool=pool)
+    assert chosen == expected
+    size = min(10, max(3, round(pool * 3)))
+    assert scorer.info["leverage_pool_entries"] == size
+    assert scorer.info["leverage_threshold"] == sorted(HAND_F["a"] + HAND_F["b"], reverse=True)[size - 1]
+    plain, _ = hand_selection("gradient_ratio", num_entries=3, eps=1.0)
+    assert plain == {"a": [2, 5], "b": [1]}
+
+
+def test_leverage_pool_takes_every_tie_at_its_threshold_and_never_selects_outside_it():
+    # A_f ties at the pool's threshold (3 entries equal 5) are all candidates, so the pool holds 4 > round(1 x 2).
+    # b2's ratio is the best of all (5 / 1e-6) but its A_f (0.5) is outside the pool.
+    f = {"a": [9.0, 5, 0, 5, 0, 0], "b": [5.0, 0, 0.5, 0]}
+    r = {"a": [1.0, 1, 0, 4, 0, 0], "b": [9.0, 0, 1e-7, 0]}
+    chosen, scorer = hand_selection("leverage_ratio", f, r, num_entries=2, eps=1e-6, leverage_pool=1.0)
+    assert scorer.info["leverage_pool_entries"] == 4
+    assert chosen == {"a": [0, 1], "b": []}  # ratios 9 and 5 beat a3 (1.25) and b0 (0.56)
+    # a pool entry whose ratio underflows to 0 still beats every entry outside the pool (all scored 0): without the
+    # floor, the tie at 0 would go to the lowest index, a1
+    f = {"a": [0.0, 0, 0, 0, 0, 1e-30], "b": [5.0, 0, 0, 0]}
+    r = {"a": [0.0, 0, 0, 0, 0, 1e30], "b": [1.0, 0, 0, 0]}
+    chosen, scorer = hand_selection("leverage_ratio", f, r, num_entries=2, eps=1.0, leverage_pool=1.0)
+    assert chosen == {"a": [5], "b": [0]}
+    assert float(scorer.score("a").reshape(-1)[5]) > 0 == float(scorer.score("a").reshape(-1)[0])
+
+
+def test_leverage_pool_is_per_module_with_per_module_selection():
+    # budgets: a 2 (1.8 rounded up by the largest remainder), b 1; pool 2 x budget per module: a's 4 largest A_f
+    # (a0 8, a5 7, a3 6, a2 4) -> best ratios a5 3.5, a2 2; b's 2 largest (b3 9, b0 5) -> b3 0.9
+    chosen, scorer = hand_selection(
+        "leverage_ratio", num_entries=3, eps=1.0, leverage_pool=2.0, selection="per_module"
+    )
+    assert chosen == {"a": [2, 5], "b": [3]}
+    assert scorer.info["leverage_pool_entries"] == 6
+    assert "leverage_threshold" not in scorer.info
+
+
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        # lowest A_r: a1 and b1 (0), then a tie at 1 (a2, a5, b2) goes to the first module and lowest index: a2
+        ("global", {"a": [1, 2], "b": [1]}),
+        # per module: a gets 2 (a1, then a2 of the tie a2/a5), b gets 1 (b1)
+        ("per_module", {"a": [1, 2], "b": [1]}),
+    ],
+)
+def test_retain_complement_trains_the_entries_retain_needs_least(selection, expected):
+    chosen, scorer = hand_selection("retain_complement", num_entries=3, selection=selection)
+    assert chosen == expected
+    torch.testing.assert_close(scorer.score("b").reshape(-1), -torch.tensor(HAND_R["b"]))
+    # 5 entries: the two zeros and all three ties
+    chosen, _ = hand_selection("retain_complement", num_entries=5)
+    assert chosen == {"a": [1, 2, 5], "b": [1, 2]}
+
+
+def test_invalid_leverage_pool_is_refused_naming_the_field():
+    for value in (0.5, 0, -1.0, float("nan"), float("inf"), True, "4"):
+        with pytest.raises(GrinError, match="leverage_pool"):
+            GrinConfig(score="leverage_ratio", leverage_pool=value)
+
+
+def test_paper_preset_is_the_stated_form_and_takes_overrides():
+    config = GrinConfig.paper(density=0.05, target_modules="all-linear")
+    assert (config.score, config.grad_statistic, config.normalization) == ("gradient_ratio", "abs_sum", "tokens")
+    assert (config.eps_mode, config.eps, config.density) == ("absolute", 1e-8, 0.05)
+    assert GrinConfig.paper(eps=1e-3).eps == 1e-3 and GrinConfig.paper().grad_statistic == "abs_sum"
+    with pytest.raises(GrinError, match="eps"):
+        GrinConfig.paper(eps=-1.0)
+    with pytest.raises(GrinError, match="nonsense"):
+        GrinConfig.paper(nonsense=1)
+
+
+def hand_statistics(model, forget, retain, grad_statistic: str, normalization: str = "tokens"):
+    """(A_f, A_r) per module in float64 from per-example autograd gradients, as GRIN's ratios define them."""
+    gf, gr = autograd_units(model, forget, "example"), autograd_units(model, retain, "example")
+    statistic = {
+        "abs_sum": lambda gs: sum(gs).abs(),
+        "sum_abs": lambda gs: sum(g.abs() for g in gs),
+        "sum_sq": lambda gs: sum(g * g for g in gs),
+    }[grad_statistic]
+
+    def divisor(units):
+        return {"tokens": sum(t for _, t in units), "batches": len(units), "none": 1}[normalization]
+
+    return {
+        name: tuple(statistic([g[name].double() for g, _ in units]) / divisor(units) for units in (gf, gr))
+        for name in gf[0][0]
+    }
+
+
+def _top(values: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """Positions of the k largest values and the relative gap between the k-th and the (k+1)-th."""
+    order = torch.sort(values, descending=True)
+    gap = float((order.values[k - 1] - order.values[k]) / order.values[k - 1].abs().clamp_min(1e-300))
+    return order.indices[:k], gap
+
+
+def hand_expected(case: str, stats, k: int, pool: float = 2.0) -> tuple[torch.Tensor, float]:
+    """The entries (flat over modules in order) each new score selects, and the smallest relative margin at a
+    boundary the selection depends on."""
+    a_f = torch.cat([f.reshape(-1) for f, _ in stats.values()])
+    a_r = torch.cat([r.reshape(-1) for _, r in stats.values()])
+    if case == "retain_complement":
+        chosen, gap = _top(-a_r, k)
+        return chosen, abs(gap)
+    if case == "paper":
+        return _top(a_f / (a_r + 1e-8), k)
+    median = float(torch.sort(a_r.float()).values[int(0.5 * (a_r.numel() - 1))])
+    candidates, pool_gap = _top(a_f, round(pool * k))
+    ratio = a_f[candidates] / (a_r[candidates] + 0.01 * median)
+    inside, gap = _top(ratio, k)
+    return candidates[inside], min(pool_gap, gap)
+
+
+@pytest.mark.parametrize("case", ["leverage_ratio", "retain_complement", "paper"])
+def test_new_scores_select_exactly_the_entries_of_their_formula_computed_by_plain_autograd(golden, case):
+    model, forget, retain = golden
+    stats = hand_statistics(model, forget, retain, "abs_sum" if case == "paper" else "sum_sq")
+    # a budget whose boundaries sit in clear gaps, so float32 accumulation cannot move them
+    k = next(k for k in range(30, 200) if hand_expected(case, stats, k)[1] > 1e-2)
+    expected, _ = hand_expected(case, stats, k)
+    if case == "paper":
+        config = GrinConfig.paper(target_modules="all-linear", num_entries=k)
+        peft_model = get_peft_model(copy.deepcopy(model), config)
+    else:
+        peft_model = grin(model, num_entries=k, score=case, leverage_pool=2.0, eps=0.01)
+    peft_model.localize(forget, retain, batch_size=2, progress=False)
+    got = torch.cat([idx + offset for idx, offset in zip(selection(peft_model).values(), _offsets(stats))])
+    assert torch.equal(torch.sort(got).values, torch.sort(expected).values)
+
+
+def _offsets(stats) -> list[int]:
+    sizes = [f.numel() for f, _ in stats.values()]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def test_reports_show_the_forget_leverage_of_each_selection(planted):
+    """Forget mass: the top-A_f pool (leverage_pool=1) holds the most any budget can, the plain ratio the least;
+    retain_complement holds at most its density of the retain statistic, and its report handles negative scores."""
+    model, forget, retain = planted
+    mass = {}
+    for name, options in {
+        "ratio": dict(score="gradient_ratio"),
+        "pool4": dict(score="leverage_ratio", leverage_pool=4.0),
+        "pool1": dict(score="leverage_ratio", leverage_pool=1.0),
+    }.items():
+        report = grin(model, density=0.01, **options).localize(forget, retain, progress=False)
+        mass[name] = report.mass["forget"]
+        assert report.settings["leverage_pool"] == options.get("leverage_pool", 4.0)
+    assert mass["pool1"] >= mass["pool4"] > 1.5 * mass["ratio"], mass
+    report = grin(model, density=0.01, score="retain_complement").localize(forget, retain, progress=False)
+    assert report.mass["retain"] <= report.budget["density"]
+    assert report.mass["forget"] is not None
+    quantiles = list(report.score_quantiles.values())
+    assert quantiles == sorted(quantiles) and quantiles[-1] <= 0 and report.score_threshold <= 0
+
+
+def test_quantiles_of_any_sign_and_nth_largest_are_exact():
+    from grin_peft.localize.scores import nth_largest, quantiles
+
+    generator = torch.Generator().manual_seed(1)
+    values = {
+        "a": torch.randn(3000, generator=generator) * 10.0 ** torch.randint(-30, 30, (3000,), generator=generator),
+        "b": torch.tensor([0.0, -0.0, -1.0, 1.0, float("inf"), -float("inf")]),
+    }
+    everything = torch.sort(torch.cat(list(values.values())) + 0.0).values
+    qs = [0.0, 0.01, 0.3, 0.5, 0.999, 1.0]
+    assert quantiles(values, lambda n: values[n], qs, chunk=700) == [
+        float(everything[int(q * (everything.numel() - 1))]) for q in qs
+    ]
+    for n in (1, 2, 17, everything.numel(), everything.numel() + 5):
+        assert nth_largest(values, lambda name: values[name], n) == float(everything[max(0, everything.numel() - n)])
+    with pytest.raises(GrinError, match="non-negative"):
+        nonneg_quantiles(values, lambda n: values[n], [0.5])

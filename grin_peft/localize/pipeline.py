@@ -19,7 +19,7 @@ from ..config import GrinConfig
 from ..data import IGNORE_INDEX, QACollator, encode_items, pad_token_id
 from ..errors import GrinError
 from .report import SCORE_QUANTILES, LocalizationReport, ModuleDensity, split_module_name
-from .scores import Scorer, accumulation_plan, build_scorer, check_config, grad_unit, nonneg_quantiles
+from .scores import Scorer, accumulation_plan, build_scorer, check_config, grad_unit, quantiles
 from .select import resolve_budget
 from .statistics import World, collect_statistic
 
@@ -33,6 +33,7 @@ SETTINGS = (
     "selection",
     "ssd_alpha",
     "wagle_mu",
+    "leverage_pool",
     "noise_std",
     "noise_scale",
     "seed",
@@ -203,6 +204,47 @@ def compute_scores(
     return _scores(tuner, config, layers, forget, retain, tokenizer, batch_size, max_batches, progress, group)
 
 
+def current_scores(
+    tuner: Any,
+    forget: Any,
+    retain: Any = None,
+    adapter_name: str = "default",
+    *,
+    budget: int | None = None,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    progress: bool = False,
+    group: Any = None,
+) -> Scores:
+    """Score every targeted entry at the weights the model computes with now (base + active deltas), for
+    re-localisation during training.
+
+    As :func:`compute_scores`, except that the gradients are taken with the adapters on (the taps see the layers'
+    outputs including the delta, so ``grad_y^T x`` is the gradient at the current weights), ``wagle``'s ``w`` is the
+    current weight and ``budget`` sizes ``leverage_ratio``'s pool (default: the config's budget). Data-free scores
+    have no statistics: :mod:`grin_peft.relocalize` scores them itself.
+    """
+    config, layers, _ = _check_adapter(tuner, adapter_name)
+    if config.selects_at_injection:
+        raise GrinError(f"score={config.score!r} needs no data; it has no gradient statistics.")
+    return _scores(
+        tuner, config, layers, forget, retain, tokenizer, batch_size, max_batches, progress, group, True, budget
+    )
+
+
+def current_weight(layer: Any) -> torch.Tensor:
+    """The weight a GRIN layer computes with now, in float32: the base (dequantized) plus every active, unmerged
+    adapter's delta (a merged delta is already in the base)."""
+    weight = layer._grin_weight().detach().float()
+    if layer.disable_adapters or layer.merged:
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.grin_values and layer.grin_values[adapter].numel():
+            weight = weight + layer.get_delta_weight(adapter).detach().float()
+    return weight
+
+
 def _scores(
     tuner: Any,
     config: GrinConfig,
@@ -214,6 +256,8 @@ def _scores(
     max_batches: int | None,
     progress: bool,
     group: Any,
+    current: bool = False,
+    budget: int | None = None,
 ) -> Scores:
     world = World.current(group)
     _check_positive("batch_size", batch_size)
@@ -239,6 +283,7 @@ def _scores(
             progress=progress,
             desc=f"GRIN {what} gradients",
             total=batches[what].total,
+            adapters=current,
         )
         stats[what] = stat
         timings[f"{what}_pass"] = stat.seconds
@@ -249,7 +294,9 @@ def _scores(
             "answer_tokens": stat.tokens,
             "statistic": kind,
         }
-    return Scores(build_scorer(config, layers, stats["forget"], stats.get("retain")), data, timings, world)
+    weight = (lambda name: current_weight(layers[name])) if current else None
+    scorer = build_scorer(config, layers, stats["forget"], stats.get("retain"), budget=budget, weight=weight)
+    return Scores(scorer, data, timings, world)
 
 
 def localize(
@@ -319,7 +366,7 @@ def _report(
         modules.append(ModuleDensity(name, layer_index, kind, layer.grin_numel, count))
     total = sum(m.numel for m in modules)
     names = list(layers)
-    quantiles = nonneg_quantiles(names, scorer.score, SCORE_QUANTILES)
+    score_quantiles = quantiles(names, scorer.score, SCORE_QUANTILES)
     threshold = None
     for name in names:
         idx = selected.get(name)
@@ -327,18 +374,7 @@ def _report(
             scores = scorer.score(name).reshape(-1)
             low = float(scores[idx.to(scores.device)].min())
             threshold = low if threshold is None else min(threshold, low)
-    mass: dict[str, float | None] = {}
-    if not config.selects_at_injection:
-        sums = {"forget": [0.0, 0.0], "retain": [0.0, 0.0]}
-        for name in names:
-            idx = selected.get(name, torch.zeros(0, dtype=torch.long))
-            for what, part in zip(("forget", "retain"), scorer.parts(name)):
-                if part is None:
-                    continue
-                flat = part.reshape(-1)
-                sums[what][0] += float(flat[idx.to(flat.device)].double().sum())
-                sums[what][1] += float(flat.double().sum())
-        mass = {what: (s / t if t > 0 else None) for what, (s, t) in sums.items()}
+    mass = {} if config.selects_at_injection else selection_mass(names, scorer, selected)
     notes = []
     eligible = scorer.info.get("ssd_eligible")
     if eligible is not None and eligible < k:
@@ -354,10 +390,27 @@ def _report(
         settings=settings,
         budget={"entries": k, "targeted": total, "density": k / total, "selection": config.selection},
         modules=modules,
-        score_quantiles={f"{q:g}": v for q, v in zip(SCORE_QUANTILES, quantiles)},
+        score_quantiles={f"{q:g}": v for q, v in zip(SCORE_QUANTILES, score_quantiles)},
         score_threshold=threshold,
         mass=mass,
         info=dict(scorer.info),
         world_size=world.size,
         notes=notes,
     )
+
+
+def selection_mass(names: list[str], scorer: Scorer, selected: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """The share of the forget and the retain statistic behind the score that the selected entries hold (None for a
+    statistic the score did not use, or one that is 0 everywhere)."""
+    sums = {"forget": [0.0, 0.0], "retain": [0.0, 0.0]}
+    used = set()
+    for name in names:
+        idx = selected.get(name, torch.zeros(0, dtype=torch.long))
+        for what, part in zip(("forget", "retain"), scorer.parts(name)):
+            if part is None:
+                continue
+            used.add(what)
+            flat = part.reshape(-1)
+            sums[what][0] += float(flat[idx.to(flat.device).long()].double().sum())
+            sums[what][1] += float(flat.double().sum())
+    return {what: (s / t if what in used and t > 0 else None) for what, (s, t) in sums.items()}

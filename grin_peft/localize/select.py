@@ -95,3 +95,50 @@ def select_per_module(
         check_finite(name, scores)
         selected[name] = topk_deterministic(scores, budgets[name]).cpu()
     return selected
+
+
+def select_growth(
+    numels: dict[str, int],
+    score_fn: Callable[[str], torch.Tensor],
+    taken: dict[str, torch.Tensor],
+    k: int,
+    selection: str = "global",
+) -> dict[str, torch.Tensor]:
+    """The ``k`` best-scored entries that are not ``taken`` yet (sorted flat indices per module), to grow a support.
+
+    ``numels`` gives the modules (in ranking order) and their sizes; ``k`` must not exceed their free entries. The
+    ranking and tie rules of :func:`select_global` / :func:`select_per_module` applied to the free entries only
+    (``'per_module'`` splits ``k`` over modules in proportion to their free entries). Memory: one module's scores
+    and free mask at a time plus 2k candidates.
+    """
+    names = list(numels)
+    taken = {name: torch.sort(taken[name].detach().long().cpu()).values for name in names}
+    free = {name: numels[name] - taken[name].numel() for name in names}
+    if not 0 <= k <= sum(free.values()):
+        raise GrinError(f"cannot add {k} entries: {sum(free.values())} targeted entries are free.")
+
+    def free_scores(name: str) -> torch.Tensor:
+        scores = score_fn(name).detach().reshape(-1)
+        mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        mask[taken[name].to(scores.device)] = False
+        return scores[mask]
+
+    if selection == "global":
+        chosen = select_global(names, free_scores, k)
+    elif k == 0:
+        chosen = {name: torch.zeros(0, dtype=torch.long) for name in names}
+    else:
+        chosen = select_per_module(names, free_scores, per_module_budgets(free, k))
+    return {name: free_to_index(chosen[name], taken[name]) for name in names}
+
+
+def free_to_index(positions: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """Map positions among the free entries (those not in sorted ``taken``) to flat indices, without listing them.
+
+    Before ``taken[i]`` lie ``taken[i] - i`` free entries, so free position ``c`` is flat index ``c + j`` with ``j``
+    the number of taken entries whose count of free entries before them is ``<= c``.
+    """
+    taken = taken.long().cpu()
+    before = taken - torch.arange(taken.numel())
+    positions = positions.long().cpu()
+    return positions + torch.searchsorted(before, positions, right=True)

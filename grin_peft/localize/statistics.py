@@ -297,13 +297,16 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 @contextmanager
-def scoring_mode(model: nn.Module, layers: dict[str, GrinLayer], collector: _Collector) -> Iterator[None]:
+def scoring_mode(
+    model: nn.Module, layers: dict[str, GrinLayer], collector: _Collector, adapters: bool = False
+) -> Iterator[None]:
     """Run the model at its original weights with taps on the targeted layers, then put everything back.
 
-    Adapters off (deltas ignored), every parameter frozen (no ``.grad`` anywhere), dropout off (eval mode) except
-    that layers with gradient checkpointing keep ``training=True`` on themselves only, since transformers checkpoints
-    only in training mode, and so do bitsandbytes 4-bit layers, which in eval mode on CPU switch to a kernel that
-    gradients cannot pass.
+    Adapters off (deltas ignored; ``adapters=True`` leaves them as they are, so the taps see each layer's output
+    with its delta and the statistics are taken at the current weights), every parameter frozen (no ``.grad``
+    anywhere), dropout off (eval mode) except that layers with gradient checkpointing keep ``training=True`` on
+    themselves only, since transformers checkpoints only in training mode, and so do bitsandbytes 4-bit layers, which
+    in eval mode on CPU switch to a kernel that gradients cannot pass.
     """
     all_layers = [m for m in model.modules() if isinstance(m, GrinLayer)]
     modules = list(model.modules())
@@ -327,8 +330,9 @@ def scoring_mode(model: nn.Module, layers: dict[str, GrinLayer], collector: _Col
         # bnb 4-bit layers repack for a CPU inference kernel without autograd when run in eval mode
         for m in checkpointing + four_bit:
             m.training = True
-        for layer in all_layers:
-            layer.enable_adapters(False)
+        if not adapters:
+            for layer in all_layers:
+                layer.enable_adapters(False)
         for p in params:
             p.requires_grad_(False)
         for name, layer in layers.items():
@@ -340,8 +344,9 @@ def scoring_mode(model: nn.Module, layers: dict[str, GrinLayer], collector: _Col
     finally:
         for handle in handles:
             handle.remove()
-        for layer, was_disabled in zip(all_layers, disabled):
-            layer.enable_adapters(not was_disabled)
+        if not adapters:
+            for layer, was_disabled in zip(all_layers, disabled):
+                layer.enable_adapters(not was_disabled)
         for p, flag in zip(params, requires_grad):
             p.requires_grad_(flag)
         for m, flag in zip(modules, training):
@@ -385,12 +390,14 @@ def collect_statistic(
     progress: bool = True,
     desc: str = "scoring",
     total: int | None = None,
+    adapters: bool = False,
 ) -> Statistic:
     """One pass over ``batches`` (the same global sequence on every rank): accumulate ``kind`` for every layer.
 
     ``unit='example'`` applies the statistic to each example's gradient (split out of the batch's weight-gradient
-    GEMM, so batching stays efficient); ``'batch'`` to each batch's. Raises GrinError on a non-finite loss (naming
-    the batch) and when no batch holds an answer token.
+    GEMM, so batching stays efficient); ``'batch'`` to each batch's. Gradients are taken at the original weights
+    (adapters off), or with ``adapters=True`` at the current ones (base + active deltas). Raises GrinError on a
+    non-finite loss (naming the batch) and when no batch holds an answer token.
     """
     from tqdm.auto import tqdm
 
@@ -401,7 +408,7 @@ def collect_statistic(
     stat = Statistic(kind, unit, collector.acc)
     steps = None if total is None else -(-total // world.size)
     progress_bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress or world.rank != 0)
-    with scoring_mode(model, layers, collector), progress_bar:
+    with scoring_mode(model, layers, collector, adapters), progress_bar:
         for step, group in enumerate(_steps(batches, world.size)):
             mine = group[world.rank] if world.rank < len(group) else None
             example_tokens = answer_tokens(mine["labels"]) if mine is not None else []
