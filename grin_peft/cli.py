@@ -106,14 +106,15 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         if (args.refusals)
         else None
     )
-    config = GrinConfig(
-        target_modules=args.target_modules,
-        density=args.density,
-        score=args.score,
-        seed=args.seed,
-        noise_std=args.noise_std,
-        forget_description=args.forget_description,
-    )
+    fields = {
+        "target_modules": args.target_modules,
+        "density": args.density,
+        "seed": args.seed,
+        "noise_std": args.noise_std,
+        "forget_description": args.forget_description,
+    }
+    # "paper" is the paper's stated form as a preset (GrinConfig.paper), the others are GrinConfig scores
+    config = GrinConfig.paper(**fields) if args.score == "paper" else GrinConfig(score=args.score, **fields)
     schedule = {}
     if args.lr is not None or args.epochs is not None:  # a fixed schedule: the controller is off
         schedule = {k: v for k, v in (("learning_rate", args.lr), ("num_train_epochs", args.epochs)) if v is not None}
@@ -307,7 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of targeted entries to train; default 1e-3, and the automatic operating point retries at 5x "
         "(up to 0.25) when the target is missed; an explicit value is kept",
     )
-    p.add_argument("--score", default="gradient_ratio", help="entry score (gradient_ratio, random, magnitude, ...)")
+    p.add_argument(
+        "--score",
+        default="gradient_ratio",
+        help="entry score: gradient_ratio (default), leverage_ratio, retain_complement, paper (the paper's stated "
+        "form: |sum of forget gradients| / (|sum of retain gradients| + eps)), random, magnitude, forget_gradient, "
+        "ssd, wagle, squared_ratio",
+    )
     p.add_argument("--target-modules", default="all-linear", help="modules to adapt (default all-linear)")
     p.add_argument("--noise-std", type=float, default=0.1, help="injected noise, times each tensor's std (0.1)")
     p.add_argument(

@@ -143,3 +143,17 @@ def test_installed_entry_point_teaches_with_help():
     for command in ("unlearn", "merge", "revert", "eval", "demo"):
         assert command in result.stdout
     assert "examples:" in result.stdout
+
+
+def test_unlearn_paper_preset_writes_the_papers_score(workspace, capsys, tmp_path):
+    common = ["--model", workspace / "model", "--forget", workspace / "forget.jsonl", "--retain"]
+    code, _, err = run(capsys, "unlearn", *common, workspace / "retain.jsonl", "--output", tmp_path / "delta",
+                       "--density", "0.05", "--epochs", "1", "--score", "paper")  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((tmp_path / "delta" / "adapter_config.json").read_text())
+    assert (saved["score"], saved["grad_statistic"], saved["eps_mode"], saved["eps"]) == (
+        "gradient_ratio",
+        "abs_sum",
+        "absolute",
+        1e-8,
+    )
