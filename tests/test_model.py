@@ -98,7 +98,7 @@ def test_same_seed_same_selection_other_seed_differs():
 
 
 def test_indices_are_int32_saved_buffers_and_file_is_compact(tmp_path):
-    model = grin_model("llama")
+    model = grin_model("llama", density=0.01)  # low density: the index form (test_delta_file covers the bitmask)
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     entries = sum(model.base_model.num_entries().values())
@@ -216,3 +216,31 @@ def test_gradient_ratio_score_waits_for_localize():
     assert sum(model.base_model.num_entries().values()) == 0
     inputs = example_input("llama")
     torch.testing.assert_close(output(model, inputs), output(build("llama"), inputs), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- high density: dense regime and bitmask files
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_high_density_round_trip_merge_unmerge_and_unload_are_exact(kind, dtype, density, tmp_path):
+    base_state = state(build(kind, dtype))
+    model = grin_model(kind, dtype, density=density, init_weights=False)
+    inputs = example_input(kind, dtype)
+    expected = output(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert any(k.endswith("grin_mask") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(build(kind, dtype), tmp_path)
+    for name, layer in model.base_model.grin_layers().items():
+        other = loaded.base_model.model.get_submodule(name)
+        assert torch.equal(layer.grin_indices["default"], other.grin_indices["default"]), name
+        assert torch.equal(layer.grin_values["default"], other.grin_values["default"]), name
+        assert torch.equal(layer.grin_base_values["default"], other.grin_base_values["default"]), name
+    torch.testing.assert_close(output(loaded, inputs), expected, rtol=0, atol=0)
+    loaded.merge_adapter()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(output(loaded, inputs), expected, rtol=tol, atol=tol)
+    loaded.unmerge_adapter()
+    for name, layer in loaded.base_model.grin_layers().items():
+        assert torch.equal(layer.get_base_layer().weight, base_state[f"{name}.weight"]), name
+    unloaded = loaded.unload()
+    assert all(torch.equal(v, base_state[k]) for k, v in unloaded.state_dict().items())
