@@ -181,6 +181,10 @@ def test_bad_config_values_are_grin_errors():
         {"score": "nope"},
         {"noise_std": -1},
         {"selection": "local"},
+        {"dense_threshold": -0.1},
+        {"dense_threshold": 1.5},
+        {"dense_threshold": True},
+        {"dense_threshold": "0.5"},
     ):
         with pytest.raises(GrinError):
             GrinConfig(**kwargs)
