@@ -262,6 +262,22 @@ class GrinConfig(PeftConfig):
             )
         },
     )
+    dense_threshold: float = field(
+        default=0.05,
+        metadata={
+            "help": (
+                "Per layer: when an adapter's density there (its entries / the weight's entries) is above this "
+                "fraction, the layer computes x @ (W + D)^T with the delta merged into a temporary dense copy of the "
+                "weight (one matmul, gradients only to the values, the same output as after a merge) instead of the "
+                "sparse kernels, whose cost grows with the entries. In [0, 1]: 0 = dense whenever there are "
+                "entries, 1 = always sparse. Default 0.05, the measured float32 crossover on a 2048x5504 layer on "
+                "CPU: equal cost at 5%, dense 1.2x / 2x / 3.3x faster at 10% / 25% / 50%. In bfloat16 on CPU dense "
+                "won at every density from 0.1% (benchmarks/results/density_regime.md). The dense regime keeps one "
+                "out x in copy of the weight per layer until backward; quantized (bitsandbytes) base layers and "
+                "base layers with hooks always stay sparse."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -321,6 +337,12 @@ class GrinConfig(PeftConfig):
             raise GrinError(f"GrinConfig.relocalize_noise={self.relocalize_noise!r} must be True or False.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise GrinError(f"GrinConfig.seed={self.seed!r} must be an integer.")
+        if (
+            not isinstance(self.dense_threshold, (int, float))
+            or isinstance(self.dense_threshold, bool)
+            or not 0.0 <= self.dense_threshold <= 1.0
+        ):
+            raise GrinError(f"GrinConfig.dense_threshold={self.dense_threshold!r} must be a number in [0, 1].")
         if self.layers_pattern and not self.layers_to_transform:
             raise GrinError("GrinConfig: layers_pattern only makes sense together with layers_to_transform.")
 

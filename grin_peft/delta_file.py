@@ -1,14 +1,23 @@
 """Reading and checking a saved GRIN delta, so a bad file is refused before any weight changes.
 
-A delta file holds, per adapted module, `grin_indices` (flat positions into the base weight as stored),
-`grin_values` (the delta) and `grin_base_values` (the base weight's values there, for exact revert). Keys follow
+A delta file holds, per adapted module, its entries (flat positions into the base weight as stored), `grin_values`
+(the delta, in entry order) and `grin_base_values` (the base weight's values there, for exact revert). Keys follow
 PEFT's layout: `base_model.model.<module path>.grin_<name>`.
+
+The entries are stored in whichever of two forms is smaller for that module, never both:
+
+* `grin_indices`: int32 (int64 for weights over 2**31 entries) strictly increasing flat positions, 4 bytes an entry;
+* `grin_mask`: a packed bitmask, uint8, ceil(numel / 8) bytes; flat position i is bit (i % 8) of byte i // 8, least
+  significant bit first (numpy's `packbits(bitorder="little")`); bits past numel are zero.
+
+The mask is smaller above 1/32 = 3.1% density (int32). Files from before the mask form hold only `grin_indices`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,21 +28,94 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import GrinError
-from .layer import validate_entries
+from .layer import index_dtype, validate_entries
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-SUFFIXES = ("grin_indices", "grin_values", "grin_base_values")
+ENTRY_FORMS = ("grin_indices", "grin_mask")
+SUFFIXES = (*ENTRY_FORMS, "grin_values", "grin_base_values")
 CHECKSUM_KEY = "grin_sha256"
 
 
 @dataclass
 class ModuleDelta:
-    """The three tensors of one module's delta."""
+    """One module's delta as stored: its entries in one of the two forms, the values and the base values."""
 
-    indices: torch.Tensor
     values: torch.Tensor
     base_values: torch.Tensor
+    indices: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def mask_bytes(numel: int) -> int:
+    """Length of the packed bitmask of a weight with `numel` entries."""
+    return math.ceil(numel / 8)
+
+
+def pack_mask(indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """Flat positions -> the packed little-endian bitmask (uint8, ceil(numel / 8) bytes) described above."""
+    bits = torch.zeros(mask_bytes(numel) * 8, dtype=torch.uint8, device=indices.device)
+    bits[indices.long()] = 1
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=indices.device)
+    return (bits.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def encode_entries(indices: torch.Tensor, numel: int) -> tuple[str, torch.Tensor]:
+    """The smaller stored form of a module's entries: ("grin_indices", indices) or ("grin_mask", bitmask).
+
+    Ties keep the index form, which every version of the loader reads.
+    """
+    if mask_bytes(numel) < indices.numel() * indices.element_size():
+        return "grin_mask", pack_mask(indices, numel)
+    return "grin_indices", indices
+
+
+def _unpack_mask(name: str, mask: torch.Tensor, numel: int, num_values: int) -> torch.Tensor:
+    """Bitmask -> flat positions, refusing any mask that is not exactly the packed form of `num_values` entries."""
+    if mask.dtype != torch.uint8:
+        raise GrinError(f"{name}: grin_mask must be a packed uint8 bitmask, got dtype {mask.dtype}.")
+    if mask.dim() != 1 or mask.numel() != mask_bytes(numel):
+        raise GrinError(
+            f"{name}: grin_mask must be 1-D with ceil({numel} / 8) = {mask_bytes(numel)} bytes for this weight, "
+            f"got shape {tuple(mask.shape)}."
+        )
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    bits = ((mask.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    if bool(bits[numel:].any()):
+        raise GrinError(f"{name}: grin_mask has bits set past the weight's {numel} entries.")
+    indices = bits.nonzero().squeeze(1)  # ascending: strictly increasing by construction
+    if indices.numel() != num_values:
+        raise GrinError(f"{name}: grin_mask marks {indices.numel()} entries but there are {num_values} values.")
+    return indices.to(index_dtype(numel))
+
+
+def decode_entries(name: str, delta: ModuleDelta, numel: int) -> torch.Tensor:
+    """The flat positions of a stored module delta, validated with its values and base values for a weight of
+    `numel` entries: every reader (load, pre-injection check, revert) goes through this one decoder."""
+    if delta.mask is not None:
+        indices = _unpack_mask(name, delta.mask, numel, delta.values.numel())
+    else:
+        indices = delta.indices
+    validate_entries(name, indices, delta.values, numel)
+    base = delta.base_values
+    if base.dim() != 1 or base.numel() != indices.numel() or not base.dtype.is_floating_point:
+        raise GrinError(
+            f"{name}: grin_base_values must be a 1-D float tensor with one value per entry, got "
+            f"{base.dtype} {tuple(base.shape)}."
+        )
+    return indices
+
+
+def with_indices(state_dict: dict[str, torch.Tensor], entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with every module's bitmask replaced by its decoded `grin_indices`, the form layers hold."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(".grin_mask"):
+            module = key.removesuffix(".grin_mask")
+            out[f"{module}.grin_indices"] = entries[module.removeprefix(PEFT_PREFIX)]
+        else:
+            out[key] = tensor
+    return out
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -137,10 +219,16 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ModuleDel
             others[key] = tensor
     modules = {}
     for module, found in sorted(parts.items()):
-        missing = [s for s in SUFFIXES if s not in found]
+        if all(form in found for form in ENTRY_FORMS):
+            raise GrinError(f"{module}: the delta file holds both grin_indices and grin_mask; one form per module.")
+        missing = [s for s in ("grin_values", "grin_base_values") if s not in found]
+        if not any(form in found for form in ENTRY_FORMS):
+            missing.insert(0, "grin_indices (or grin_mask)")
         if missing:
             raise GrinError(f"{module}: the delta file lacks tensor(s) {', '.join(missing)}.")
-        modules[module] = ModuleDelta(found["grin_indices"], found["grin_values"], found["grin_base_values"])
+        modules[module] = ModuleDelta(
+            found["grin_values"], found["grin_base_values"], found.get("grin_indices"), found.get("grin_mask")
+        )
     return modules, others
 
 
@@ -149,14 +237,15 @@ def validate_modules(
     weight_of: Callable[[str], torch.Tensor | None],
     describe_base: str,
     approximate: Callable[[str], bool] = lambda name: False,
-) -> list[str]:
-    """Check every module's delta against the base weights; returns the modules whose base values differ.
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Check every module's delta against the base weights; returns each module's decoded entries and the modules
+    whose base values differ.
 
-    Structural problems (unknown module, bad indices, NaN values, wrong dtypes) raise GrinError; differing base
+    Structural problems (unknown module, bad entries, NaN values, wrong dtypes) raise GrinError; differing base
     values are returned so the caller can apply the fingerprint policy. Modules for which `approximate` is true
     (dequantized bitsandbytes weights, whose float values depend on bnb's layout) skip the exact value checks.
     """
-    differing = []
+    entries, differing = {}, []
     for name, delta in modules.items():
         weight = weight_of(name)
         if weight is None:
@@ -164,13 +253,8 @@ def validate_modules(
                 f"{name}: the delta adapts a module this base model ({describe_base}) does not have; "
                 "it was made for another architecture."
             )
-        validate_entries(name, delta.indices, delta.values, weight.numel())
+        indices = entries[name] = decode_entries(name, delta, weight.numel())
         base = delta.base_values
-        if base.dim() != 1 or base.numel() != delta.indices.numel() or not base.dtype.is_floating_point:
-            raise GrinError(
-                f"{name}: grin_base_values must be a 1-D float tensor with one value per index, got "
-                f"{base.dtype} {tuple(base.shape)}."
-            )
         if approximate(name):
             continue
         if weight.dtype.is_floating_point and not torch.equal(base.to(weight.dtype).to(base.dtype), base):
@@ -178,8 +262,8 @@ def validate_modules(
                 f"{name}: grin_base_values are not representable in the base weight's dtype "
                 f"{weight.dtype}; the delta was made for a base of another dtype."
             )
-        if weight.dtype.is_floating_point and delta.indices.numel():
-            current = weight.detach().reshape(-1)[delta.indices.long().to(weight.device)].cpu()
+        if weight.dtype.is_floating_point and indices.numel():
+            current = weight.detach().reshape(-1)[indices.long().to(weight.device)].cpu()
             if not torch.equal(current, base.to(weight.dtype)):
                 differing.append(name)
-    return differing
+    return entries, differing

@@ -1,4 +1,8 @@
-"""GRIN tuner layers: a frozen linear layer plus a sparse delta whose values are the only trainable parameters."""
+"""GRIN tuner layers: a frozen linear layer plus a sparse delta whose values are the only trainable parameters.
+
+Each forward takes, per adapter, the sparse op (:mod:`grin_peft.sparse`) at low density or the dense regime
+(:mod:`grin_peft.dense`, the delta merged into a temporary copy of the weight) above the adapter's `dense_threshold`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
 from .bnb_layout import dequantize
+from .dense import merged_linear
 from .errors import GrinError
 from .sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
 
@@ -72,13 +77,14 @@ class GrinLayer(BaseTunerLayer):
     and the base weight's original values at those indices (what an exact revert of a merge needs)."""
 
     adapter_layer_names = ("grin_values",)
-    other_param_names = ("grin_indices", "grin_base_values")
+    other_param_names = ("grin_indices", "grin_base_values", "grin_dense_threshold")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.grin_values = nn.ParameterDict({})
         self.grin_indices = BufferDict(persistent=True)
         self.grin_base_values = BufferDict(persistent=True)
+        self.grin_dense_threshold: dict[str, float] = {}
         self._grin_patterns: dict[str, tuple[tuple, SparsePattern]] = {}
         self._grin_premerge: dict[str, torch.Tensor] = {}
         self._grin_premerge_quantized: dict[str, tuple[nn.Parameter, Any]] = {}
@@ -114,6 +120,7 @@ class GrinLayer(BaseTunerLayer):
         self.grin_indices[adapter_name] = torch.zeros(0, dtype=idx_dtype, device=weight.device)
         self.grin_base_values[adapter_name] = torch.zeros(0, dtype=weight.dtype, device=weight.device)
         self.grin_values[adapter_name] = nn.Parameter(torch.zeros(0, dtype=torch.float32, device=weight.device))
+        self.grin_dense_threshold[adapter_name] = float(config.dense_threshold)
         self.set_adapter(self.active_adapters, inference_mode=getattr(config, "inference_mode", False))
 
     def grin_num_entries(self, adapter_name: str) -> int:
@@ -260,25 +267,41 @@ class GrinLayer(BaseTunerLayer):
                 old = (flat[idx].float() - self.grin_values[adapter].detach().float()).to(flat.dtype)
             flat[idx] = old
 
+    def _grin_is_dense(self, adapter_name: str) -> bool:
+        """Whether this adapter's density here is above its dense_threshold (then one dense matmul is faster)."""
+        entries = self.grin_values[adapter_name].numel()
+        return entries > 0 and entries > self.grin_dense_threshold[adapter_name] * self.grin_numel
+
+    def _grin_can_merge_on_the_fly(self, args: tuple, kwargs: dict) -> bool:
+        """The dense regime replaces the base layer's forward, so only for a plain, unhooked float layer (accelerate's
+        offloading hooks replace `forward` on the instance; they keep the sparse path)."""
+        base = self.get_base_layer()
+        plain = type(base).forward is nn.Linear.forward or type(base).__name__ == "Conv1D"
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or "forward" in vars(base)
+        return plain and not hooked and not args and not kwargs and self.grin_quantization is None
+
     def grin_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus x @ D^T for each active adapter, without ever forming D densely."""
+        """Base output plus each active adapter's delta: sparse below dense_threshold, merged into a copy above."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.grin_quantization is not None:
-            result = self.grin_quantization.maybe_clone_base_result(result)
-        for adapter in self.active_adapters:
-            if adapter not in self.grin_values:
-                continue
-            values = self.grin_values[adapter]
-            if values.numel() == 0:
-                continue
-            delta = sparse_delta_linear(x.to(result.dtype), values, self._grin_pattern(adapter))
-            result = result + delta
+        active = [a for a in self.active_adapters if a in self.grin_values and self.grin_values[a].numel()]
+        dense = [a for a in active if self._grin_is_dense(a)] if self._grin_can_merge_on_the_fly(args, kwargs) else []
+        if dense:
+            base = self.get_base_layer()
+            deltas = [(self.grin_values[a], self.grin_indices[a]) for a in dense]
+            result = merged_linear(x, base.weight, base.bias, deltas, transposed=self._grin_transposed)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            if self.grin_quantization is not None:
+                result = self.grin_quantization.maybe_clone_base_result(result)
+        for adapter in active:
+            if adapter not in dense:
+                delta = sparse_delta_linear(x.to(result.dtype), self.grin_values[adapter], self._grin_pattern(adapter))
+                result = result + delta
         return result
 
     def grow_grin_entries(

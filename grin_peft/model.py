@@ -13,7 +13,16 @@ from torch import nn
 
 from .bnb_layout import dequantize
 from .config import GrinConfig
-from .delta_file import PEFT_PREFIX, WEIGHTS_NAME, group_modules, read_tensors, resolve_file, validate_modules
+from .delta_file import (
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    encode_entries,
+    group_modules,
+    read_tensors,
+    resolve_file,
+    validate_modules,
+    with_indices,
+)
 from .errors import GrinError
 from .fingerprint import architecture, fingerprint
 from .layer import GrinLayer, Linear, validate_entries
@@ -114,7 +123,7 @@ class GrinModel(BaseTuner):
         for key, tensor in others.items():
             if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
                 raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
-        differing = validate_modules(
+        _, differing = validate_modules(
             modules, lambda name: _base_weight_of(model, name), arch, lambda name: _is_quantized(model, name)
         )
         if differing:
@@ -331,15 +340,25 @@ class GrinModel(BaseTuner):
     # ---------------------------------------------------------------- saving and loading
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of this adapter's tensors, refusing NaN values and storing each module's entries in
+        their smaller form (index list or bitmask, see `delta_file`)."""
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for key, tensor in to_return.items():
             if key.endswith(f"grin_values.{adapter_name}") and not bool(torch.isfinite(tensor).all()):
                 raise GrinError(f"{key}: NaN/Inf values; refusing to save a broken delta.")
+        indices_suffix = f".grin_indices.{adapter_name}"
+        for key in [k for k in to_return if k.endswith(indices_suffix)]:
+            module = key.removesuffix(indices_suffix)
+            form, tensor = encode_entries(to_return[key], model.get_submodule(module).grin_numel)
+            if form == "grin_mask":
+                del to_return[key]
+                to_return[f"{module}.grin_mask.{adapter_name}"] = tensor
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Validate a loaded delta against the model, size each layer's buffers to it, then map keys as PEFT does.
+        """Validate a loaded delta against the model, size each layer's buffers to it, decode bitmasks into the index
+        buffers layers hold, then map keys as PEFT does.
 
         If anything is wrong, the half-loaded adapter is removed again so the model is as it was.
         """
@@ -354,11 +373,11 @@ class GrinModel(BaseTuner):
             missing = sorted(set(layers) - set(modules))
             if missing:
                 raise GrinError(
-                    f"{missing[0]}: the delta file lacks this module's tensors (grin_indices, "
+                    f"{missing[0]}: the delta file lacks this module's tensors (grin_indices or grin_mask, "
                     "grin_values, grin_base_values)."
                 )
             weight_of = lambda name: layers[name]._grin_weight() if name in layers else None  # noqa: E731
-            differing = validate_modules(
+            entries, differing = validate_modules(
                 modules,
                 weight_of,
                 architecture(getattr(tuner, "model", model)),
@@ -373,8 +392,10 @@ class GrinModel(BaseTuner):
             cls._discard_adapter(tuner, adapter_name)
             raise
         for name, delta in modules.items():
-            layers[name].resize_grin_entries(adapter_name, delta.indices.numel(), delta.base_values.dtype)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            layers[name].resize_grin_entries(adapter_name, entries[name].numel(), delta.base_values.dtype)
+        return super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, with_indices(state_dict, entries)
+        )
 
     @staticmethod
     def _discard_adapter(tuner: GrinModel, adapter_name: str) -> None:

@@ -7,10 +7,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import GrinConfig
-from .delta_file import WEIGHTS_NAME, group_modules, read_config_dict, read_tensors, resolve_file
+from .delta_file import WEIGHTS_NAME, decode_entries, group_modules, read_config_dict, read_tensors, resolve_file
 from .errors import GrinError
 from .fingerprint import architecture, fingerprint
-from .layer import validate_entries
 
 
 def revert(
@@ -52,10 +51,7 @@ def revert(
                 f"{name}: no floating-point weight to revert (quantized bases cannot be reverted "
                 "exactly; revert a full-precision copy)."
             )
-        validate_entries(name, delta.indices, delta.values, weight.numel())
-        if delta.base_values.numel() != delta.indices.numel() or not delta.base_values.dtype.is_floating_point:
-            raise GrinError(f"{name}: grin_base_values must be floats, one per index.")
-        idx = delta.indices.long()
+        idx = decode_entries(name, delta, weight.numel()).long()
         base = delta.base_values.to(weight.dtype)
         if not torch.equal(base.to(delta.base_values.dtype), delta.base_values):
             raise GrinError(f"{name}: recorded base values are not representable in {weight.dtype}.")

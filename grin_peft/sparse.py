@@ -19,6 +19,9 @@ block holds all tokens. A full forward+backward through base + delta then costs 
 2048x5504 layer and ~1.3-1.4x on 1024x1024 at density 1e-4..1e-2 (LoRA r=8: 1.1x / 1.25-1.3x; a dense scattered
 delta: 1.5x), ~1.7x at 5e-2.
 
+Above a few percent density one dense matmul with the delta merged into a copy of the weight is faster; layers switch
+to that (:mod:`grin_peft.dense`) above ``GrinConfig.dense_threshold``.
+
 The CPU sparse kernels have no float16/bfloat16 versions, so 16-bit inputs are computed in float32 (converted
 block by block next to the transposing copies) and the result is rounded to the input's dtype.
 """

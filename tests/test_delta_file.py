@@ -1,37 +1,83 @@
-"""Bad deltas are refused with a GrinError before any weight or file changes."""
+"""The delta file: both entry forms, and bad deltas refused with a GrinError before any weight or file changes."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import build, state
+from tiny_models import build, example_input, output, state
+from torch import nn
 
-import grin_peft  # noqa: F401
+import grin_peft
 from grin_peft import GrinConfig, GrinError
+from grin_peft.delta_file import pack_mask
 
 WEIGHTS = "adapter_model.safetensors"
 
 
+def save_delta(path, density, model=None, target_modules="all-linear"):
+    model = model if model is not None else build("llama")
+    config = GrinConfig(target_modules=target_modules, density=density, score="random", init_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
 @pytest.fixture
 def delta(tmp_path):
-    model = get_peft_model(
-        build("llama"), GrinConfig(target_modules="all-linear", density=0.05, score="random", init_weights=False)
-    )
-    model.save_pretrained(tmp_path)
+    """Low density: every module stores its entries as an index list."""
+    save_delta(tmp_path, 0.01)
+    assert not any(k.endswith("grin_mask") for k in load_file(tmp_path / WEIGHTS))
     return tmp_path
 
 
-def rewrite(path, change):
+@pytest.fixture
+def mask_delta(tmp_path):
+    """High density: every module stores its entries as a bitmask."""
+    save_delta(tmp_path, 0.5)
+    assert not any(k.endswith("grin_indices") for k in load_file(tmp_path / WEIGHTS))
+    return tmp_path
+
+
+class Odd(nn.Module):
+    """One layer of 7 x 5 = 35 entries: its 5-byte mask has 5 bits past the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def rewrite(path, change, keep_checksum=False):
     tensors = load_file(path / WEIGHTS)
+    with safe_open(path / WEIGHTS, framework="pt") as handle:
+        metadata = handle.metadata()
     change(tensors)
-    save_file(tensors, path / WEIGHTS)
+    save_file(tensors, path / WEIGHTS, metadata=metadata if keep_checksum else None)
+
+
+def unpack(mask, numel):
+    """numpy's little-endian unpacking: an oracle independent of grin_peft's decoder."""
+    bits = np.unpackbits(mask.numpy(), bitorder="little")[:numel]
+    return torch.from_numpy(np.flatnonzero(bits)).to(torch.int32)
+
+
+def as_index_file(tensors, numels):
+    """Rewrite every bitmask as the index list a version without the mask form would have written."""
+    for key in [k for k in tensors if k.endswith(".grin_mask")]:
+        module = key.removesuffix(".grin_mask")
+        tensors[f"{module}.grin_indices"] = unpack(tensors.pop(key), numels[module])
 
 
 def first_key(tensors, suffix):
@@ -135,6 +181,10 @@ def test_bad_config_values_are_grin_errors():
         {"score": "nope"},
         {"noise_std": -1},
         {"selection": "local"},
+        {"dense_threshold": -0.1},
+        {"dense_threshold": 1.5},
+        {"dense_threshold": True},
+        {"dense_threshold": "0.5"},
     ):
         with pytest.raises(GrinError):
             GrinConfig(**kwargs)
@@ -177,3 +227,128 @@ def test_an_interrupted_save_keeps_the_previous_delta(delta, monkeypatch):
         model.save_pretrained(delta)
     assert (delta / WEIGHTS).read_bytes() == before
     assert not [p for p in os.listdir(delta) if p.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------- the two entry forms
+def numels_of(model):
+    return {f"base_model.model.{name}": layer.grin_numel for name, layer in model.base_model.grin_layers().items()}
+
+
+def test_the_mask_is_numpys_little_endian_packing():
+    numel = 37
+    indices = torch.tensor([0, 1, 8, 15, 30, 36], dtype=torch.int32)
+    bits = np.zeros(numel, dtype=bool)
+    bits[indices.numpy()] = True
+    assert np.array_equal(pack_mask(indices, numel).numpy(), np.packbits(bits, bitorder="little"))
+
+
+def test_each_module_stores_the_smaller_form(tmp_path):
+    low = save_delta(tmp_path / "low", 0.01)
+    high = save_delta(tmp_path / "high", 0.5)
+    low_keys = {k.rsplit(".", 1)[1] for k in load_file(tmp_path / "low" / WEIGHTS)}
+    high_tensors = load_file(tmp_path / "high" / WEIGHTS)
+    assert low_keys == {"grin_indices", "grin_values", "grin_base_values"}
+    assert {k.rsplit(".", 1)[1] for k in high_tensors} == {"grin_mask", "grin_values", "grin_base_values"}
+    for key, numel in numels_of(high).items():
+        assert high_tensors[f"{key}.grin_mask"].dtype == torch.uint8
+        assert high_tensors[f"{key}.grin_mask"].numel() == (numel + 7) // 8
+    assert sum(low.base_model.num_entries().values()) > 0
+
+
+def test_a_high_density_file_is_smaller_than_its_index_form(tmp_path):
+    model = save_delta(tmp_path, 0.5)
+    mask_size = os.path.getsize(tmp_path / WEIGHTS)
+    rewrite(tmp_path, lambda t: as_index_file(t, numels_of(model)))
+    index_size = os.path.getsize(tmp_path / WEIGHTS)
+    entries, numel = sum(model.base_model.num_entries().values()), sum(numels_of(model).values())
+    assert index_size - mask_size >= 4 * entries - numel / 8 - 1024  # 4 bytes an entry vs 1 bit a weight entry
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_index_only_file_at_high_density_still_loads(dtype, tmp_path):
+    model = save_delta(tmp_path, 0.5, build("llama", dtype))
+    rewrite(tmp_path, lambda t: as_index_file(t, numels_of(model)))
+    assert any(k.endswith("grin_indices") for k in load_file(tmp_path / WEIGHTS))
+    loaded = PeftModel.from_pretrained(build("llama", dtype), tmp_path)
+    for name, layer in model.base_model.grin_layers().items():
+        other = loaded.base_model.model.get_submodule(name)
+        assert torch.equal(layer.grin_indices["default"], other.grin_indices["default"]), name
+        assert torch.equal(layer.grin_values["default"], other.grin_values["default"]), name
+    inputs = example_input("llama")
+    torch.testing.assert_close(output(loaded, inputs), output(model, inputs), rtol=0, atol=0)
+
+
+def first_mask(t):
+    return first_key(t, "grin_mask")
+
+
+def test_mask_of_the_wrong_length(mask_delta):
+    rewrite(
+        mask_delta,
+        lambda t: t.update({first_mask(t): torch.cat([t[first_mask(t)], torch.zeros(1, dtype=torch.uint8)])}),
+    )
+    load_expecting(mask_delta, r"grin_mask must be 1-D with ceil\(\d+ / 8\) = \d+ bytes")
+
+
+def test_mask_of_the_wrong_dtype(mask_delta):
+    rewrite(mask_delta, lambda t: t.update({first_mask(t): t[first_mask(t)].to(torch.int16)}))
+    load_expecting(mask_delta, "packed uint8 bitmask, got dtype torch.int16")
+
+
+def test_mask_with_a_bit_past_the_weight(tmp_path):
+    save_delta(tmp_path, 0.5, Odd(), target_modules=["lin"])
+
+    def change(t):
+        key = first_mask(t)
+        assert t[key].numel() == 5
+        t[key][-1] |= 0x80  # bit 39 of a 35-entry weight
+
+    rewrite(tmp_path, change)
+    before = state(Odd())
+    base = Odd()
+    with pytest.raises(GrinError, match="lin: grin_mask has bits set past the weight's 35 entries"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_untouched(base, before)
+
+
+def test_mask_whose_popcount_differs_from_the_values(mask_delta):
+    def change(t):
+        key = first_mask(t)
+        byte = int((t[key] != 0xFF).nonzero()[0])  # a byte with a clear bit (every bit lies within the weight)
+        value = int(t[key][byte])
+        t[key][byte] = value | (1 << next(b for b in range(8) if not value >> b & 1))
+
+    rewrite(mask_delta, change)
+    load_expecting(mask_delta, r"grin_mask marks \d+ entries but there are \d+ values")
+
+
+def test_a_module_with_both_forms(mask_delta):
+    model = build("llama")
+
+    def change(t):
+        key = first_mask(t)
+        module = key.removesuffix(".grin_mask")
+        t[f"{module}.grin_indices"] = unpack(
+            t[key], model.get_submodule(module.removeprefix("base_model.model.")).weight.numel()
+        )
+
+    rewrite(mask_delta, change)
+    load_expecting(mask_delta, "both grin_indices and grin_mask")
+
+
+def test_the_checksum_covers_the_mask(mask_delta):
+    def change(t):
+        key = first_mask(t)
+        t[key][0] ^= 0x01
+
+    rewrite(mask_delta, change, keep_checksum=True)
+    load_expecting(mask_delta, "checksum mismatch")
+
+
+def test_revert_refuses_a_corrupt_mask_before_writing(mask_delta):
+    merged = PeftModel.from_pretrained(build("llama"), mask_delta).merge_and_unload()
+    before = state(merged)
+    rewrite(mask_delta, lambda t: t.update({first_mask(t): t[first_mask(t)][:-1].clone()}))
+    with pytest.raises(GrinError, match="grin_mask must be 1-D"):
+        grin_peft.revert(merged, str(mask_delta))
+    assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import build, example_input, output, state
 
 import grin_peft
+import grin_peft.layer as layer_module
 from grin_peft import GrinConfig, GrinError, GrinLayer
 
 KINDS = ["mlp", "llama", "gpt2", "opt"]
@@ -98,7 +99,7 @@ def test_same_seed_same_selection_other_seed_differs():
 
 
 def test_indices_are_int32_saved_buffers_and_file_is_compact(tmp_path):
-    model = grin_model("llama")
+    model = grin_model("llama", density=0.01)  # low density: the index form (test_delta_file covers the bitmask)
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     entries = sum(model.base_model.num_entries().values())
@@ -216,3 +217,130 @@ def test_gradient_ratio_score_waits_for_localize():
     assert sum(model.base_model.num_entries().values()) == 0
     inputs = example_input("llama")
     torch.testing.assert_close(output(model, inputs), output(build("llama"), inputs), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- high density: dense regime and bitmask files
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_high_density_round_trip_merge_unmerge_and_unload_are_exact(kind, dtype, density, tmp_path):
+    base_state = state(build(kind, dtype))
+    model = grin_model(kind, dtype, density=density, init_weights=False)
+    inputs = example_input(kind, dtype)
+    expected = output(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert any(k.endswith("grin_mask") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(build(kind, dtype), tmp_path)
+    for name, layer in model.base_model.grin_layers().items():
+        other = loaded.base_model.model.get_submodule(name)
+        assert torch.equal(layer.grin_indices["default"], other.grin_indices["default"]), name
+        assert torch.equal(layer.grin_values["default"], other.grin_values["default"]), name
+        assert torch.equal(layer.grin_base_values["default"], other.grin_base_values["default"]), name
+    torch.testing.assert_close(output(loaded, inputs), expected, rtol=0, atol=0)
+    loaded.merge_adapter()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(output(loaded, inputs), expected, rtol=tol, atol=tol)
+    loaded.unmerge_adapter()
+    for name, layer in loaded.base_model.grin_layers().items():
+        assert torch.equal(layer.get_base_layer().weight, base_state[f"{name}.weight"]), name
+    unloaded = loaded.unload()
+    assert all(torch.equal(v, base_state[k]) for k, v in unloaded.state_dict().items())
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Counts of forward calls that took the dense regime and the sparse op."""
+    counts = {"dense": 0, "sparse": 0}
+
+    def counting(kind, fn):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(layer_module, "merged_linear", counting("dense", layer_module.merged_linear))
+    monkeypatch.setattr(layer_module, "sparse_delta_linear", counting("sparse", layer_module.sparse_delta_linear))
+    return counts
+
+
+def forward_backward(model, kind, dtype=torch.float32):
+    """Output and every layer's value gradient for a fixed, non-trivial loss."""
+    out = output(model, example_input(kind, dtype))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    model.zero_grad()
+    (out * weights).float().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_regime_output_and_value_gradients_equal_the_sparse_paths(kind, paths):
+    # the default noise-initialised delta (init_weights=False's unit-variance values make the tiny nets chaotic)
+    sparse_model = grin_model(kind, density=0.3, dense_threshold=1.0)
+    dense_model = grin_model(kind, density=0.3, dense_threshold=0.0)
+    layers = len(sparse_model.base_model.grin_layers())
+    sparse_out, sparse_grads = forward_backward(sparse_model, kind)
+    assert paths == {"dense": 0, "sparse": layers}
+    dense_out, dense_grads = forward_backward(dense_model, kind)
+    assert paths == {"dense": layers, "sparse": layers}
+    # float32 rounding only (summation order, W + D rounded once): within 1e-6 of each tensor's scale
+    torch.testing.assert_close(dense_out, sparse_out, rtol=1e-5, atol=1e-6 * float(sparse_out.abs().max()))
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(dense_grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_regime_in_half_precision_trains_like_the_sparse_path(dtype, paths):
+    sparse = forward_backward(grin_model("llama", dtype, density=0.3, dense_threshold=1.0), "llama", dtype)
+    dense = forward_backward(grin_model("llama", dtype, density=0.3, dense_threshold=0.0), "llama", dtype)
+    assert paths["dense"] > 0
+    torch.testing.assert_close(dense[0], sparse[0], rtol=5e-2, atol=5e-2)
+    for name, grad in sparse[1].items():  # the dense weight gradient is rounded to 16 bits before the gather
+        cosine = torch.nn.functional.cosine_similarity(dense[1][name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_regime_output_is_the_merged_models_bit_for_bit(kind, dtype, paths):
+    model = grin_model(kind, dtype, density=0.3, dense_threshold=0.0)
+    inputs = example_input(kind, dtype)
+    with torch.no_grad():
+        unmerged = output(model, inputs)
+        model.merge_adapter()
+        merged = output(model, inputs)
+    assert paths["dense"] == len(model.base_model.grin_layers())
+    torch.testing.assert_close(unmerged, merged, rtol=0, atol=0)  # same weights, same rounding, same matmul
+
+
+def test_dense_threshold_picks_the_path_per_layer(paths):
+    model = grin_model("mlp", dense_threshold=0.2)
+    g = torch.Generator().manual_seed(0)
+    selected = {"lin0": torch.randperm(200, generator=g)[:100].sort().values, "lin1": torch.arange(0, 320, 20)}
+    model.base_model.set_entries("default", selected)  # lin0: 50% of 200 entries, lin1: 5% of 320
+    output(model, example_input("mlp"))
+    assert paths == {"dense": 1, "sparse": 1}
+    model.base_model.model.lin1.grin_dense_threshold["default"] = 0.05  # 16 entries are not above 5%
+    output(model, example_input("mlp"))
+    assert paths == {"dense": 2, "sparse": 2}
+    model.base_model.model.lin1.grin_dense_threshold["default"] = 0.0499
+    output(model, example_input("mlp"))
+    assert paths == {"dense": 4, "sparse": 2}
+
+
+def test_defaults_stay_sparse_at_low_density_and_go_dense_at_high(paths):
+    output(grin_model("llama", density=0.01), example_input("llama"))
+    assert paths["dense"] == 0 and paths["sparse"] > 0
+    paths["sparse"] = 0
+    output(grin_model("llama", density=0.5, selection="per_module"), example_input("llama"))
+    assert paths["sparse"] == 0 and paths["dense"] > 0
+
+
+def test_a_hooked_base_layer_keeps_the_sparse_path_and_its_hook(paths):
+    model = grin_model("mlp", density=0.5, dense_threshold=0.0)
+    seen = []
+    model.base_model.model.lin0.get_base_layer().register_forward_hook(lambda *args: seen.append(1))
+    output(model, example_input("mlp"))
+    assert seen == [1] and paths == {"dense": 1, "sparse": 1}

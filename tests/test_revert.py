@@ -15,17 +15,18 @@ KINDS_DTYPES = [
 ]
 
 
-def saved_delta(kind, dtype, path, **kwargs):
-    config = GrinConfig(target_modules="all-linear", density=0.05, score="random", init_weights=False, **kwargs)
+def saved_delta(kind, dtype, path, density=0.05, **kwargs):
+    config = GrinConfig(target_modules="all-linear", density=density, score="random", init_weights=False, **kwargs)
     model = get_peft_model(build(kind, dtype), config)
     model.save_pretrained(path)
     return path
 
 
+@pytest.mark.parametrize("density", [0.01, 0.25, 0.5])  # index form; bitmask form
 @pytest.mark.parametrize(("kind", "dtype"), KINDS_DTYPES)
-def test_revert_restores_every_base_tensor_bit_for_bit(kind, dtype, tmp_path):
+def test_revert_restores_every_base_tensor_bit_for_bit(kind, dtype, density, tmp_path):
     original = state(build(kind, dtype))
-    delta = saved_delta(kind, dtype, tmp_path)
+    delta = saved_delta(kind, dtype, tmp_path, density)
     merged = PeftModel.from_pretrained(build(kind, dtype), delta).merge_and_unload()
     assert any(not torch.equal(v, original[k]) for k, v in merged.state_dict().items())
     reverted = grin_peft.revert(merged, str(delta))
