@@ -706,10 +706,12 @@ def frontier_runs(
         "eval_batch_size": args.eval_batch_size,
         "utility": args.utility,
         "localize_retain": args.localize_retain,
+        "score_start": start_scorers(runs),
     }
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for index, run in enumerate(runs):
+    for index in claim_order(runs):
+        run = runs[index]
         if not claim(shared / "claims-runs", f"run{index}"):
             continue
         log(f"[{time.perf_counter() - started:.0f} s] run {index + 1}/{len(runs)}: {run.name}")
@@ -725,6 +727,30 @@ def frontier_runs(
         if part is not None:
             atomic_write(part, json.dumps(json_safe({"runs": records}), indent=1))
     return records
+
+
+def claim_order(runs: list[Method]) -> list[int]:
+    """The order in which workers take the runs: seed after seed (an interrupted benchmark holds whole seeds), and
+    within a seed the longest first (the auto run, then masks by falling density: the sparse op costs more per
+    step at high density; then full and LoRA), so the last job, which one worker runs alone, is a short one."""
+
+    def cost(index: int) -> float:
+        run = runs[index]
+        if run.kind == "auto":
+            return 10.0
+        return 1.0 + (run.grin or {}).get("density", 0.0)
+
+    seeds = list(dict.fromkeys(run.seed for run in runs))
+    return sorted(range(len(runs)), key=lambda i: (seeds.index(runs[i].seed), -cost(i)))
+
+
+def start_scorers(runs: list[Method]) -> set[str]:
+    """The runs that score step 0: the first of each method family and seed (the start does not depend on the
+    learning rate; see :class:`tofu_eval.TrajectoryCallback`)."""
+    first: dict[tuple[str, Any], str] = {}
+    for run in runs:
+        first.setdefault((run.group, run.seed), run.name)
+    return set(first.values())
 
 
 def utility_jobs(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -139,9 +139,15 @@ def parse_eval_every(text: str) -> tuple[float, str]:
 
 
 class TrajectoryCallback(TrainerCallback):
-    """Scores forget/retain answer probability at step 0 and every ``every`` ``unit`` (epochs or steps) of a
-    training run, and always at its last step; keeps a copy of the trainable parameters at the run's operating
-    checkpoint (the best one with forget <= ``target``, else the one that forgot the most).
+    """Scores forget/retain answer probability at step 0 (unless ``score_start`` is False) and every ``every``
+    ``unit`` (epochs or steps) of a training run, and always at its last step; keeps a copy of the trainable
+    parameters at the run's operating checkpoint (the best one with forget <= ``target``, else the one that forgot
+    the most).
+
+    ``score_start=False`` is for runs whose starting point another run already scores: the start does not depend on
+    the learning rate (the target itself for full fine-tuning and LoRA, whose B starts at 0; the target plus the
+    same seeded noise on the same selected entries for a GRIN/mask delta), so one run per method and seed scores
+    it and the frontier, which pools every run's points, still holds it.
 
     ``points``: ``[{"step", "epoch", "forget", "retain"}]`` in order; ``kept``: the operating point (one of
     ``points``) and ``kept_state`` its trainable tensors, for :meth:`restore`. ``eval_seconds``: time spent here,
@@ -158,10 +164,11 @@ class TrajectoryCallback(TrainerCallback):
         target: float,
         batch_size: int,
         keep_state: bool = True,
+        score_start: bool = True,
     ) -> None:
         self.qa_format, self.splits = qa_format, splits
         self.every, self.unit, self.target = every, unit, target
-        self.batch_size, self.keep_state = batch_size, keep_state
+        self.batch_size, self.keep_state, self.score_start = batch_size, keep_state, score_start
         self.points: list[dict[str, Any]] = []
         self.kept: dict[str, Any] | None = None
         self.kept_state: dict[str, torch.Tensor] | None = None
@@ -175,7 +182,8 @@ class TrajectoryCallback(TrainerCallback):
         stride = self.every * self._steps_per_epoch if self.unit == "epochs" else self.every
         count = int(math.floor(state.max_steps / stride + 1e-9)) if stride > 0 else 0
         self._eval_steps = {max(1, round(k * stride)) for k in range(1, count + 1)} | {state.max_steps}
-        self._score(model, 0)
+        if self.score_start:
+            self._score(model, 0)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self._eval_steps:

@@ -139,6 +139,7 @@ def frontier_run(method: Method, context: dict[str, Any], settings: dict[str, An
             target=settings["frontier_at"],
             batch_size=settings["eval_batch_size"],
             keep_state=settings["utility"] != "none",
+            score_start=method.name in settings.get("score_start", (method.name,)),
         )
     seed = context["train"]["seed"] if method.seed is None else method.seed
     localize_retain = localize_sample(context["retain"], settings["localize_retain"], seed)
