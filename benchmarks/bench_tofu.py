@@ -848,7 +848,8 @@ def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
     commands = [c for r in reports for c in r["command"].split(" ; ")]
     commands.append("python benchmarks/bench_tofu.py " + " ".join(args.argv))
     merged["command"] = " ; ".join(dict.fromkeys(commands))  # each once, in order: the runs, then this merge
-    stem = args.stem or default_stem(args)
+    mode = modes.pop()
+    stem = args.stem or (f"tofu_{merged['settings']['forget']}_frontier" if mode == "frontier" else default_stem(args))
     write_report(merged, Path(args.out), stem, args.lr_sweep)
     log(f"merged {len(reports)} reports into {Path(args.out) / stem}.md / .json / .png")
     return merged

@@ -354,14 +354,14 @@ def _point_cell(point: Mapping[str, Any] | None) -> str:
         return "none"
     lr = point.get("lr")
     where = f"lr {lr:g}, " if lr is not None else ""
-    return f"{point['retain']:.3f} ({where}epoch {_epoch(point)}, forget {point['forget']:.3f})"
+    return f"{point['retain']:.3f} ({where}{_epoch(point)}, forget {point['forget']:.3f})"
 
 
 def _epoch(point: Mapping[str, Any]) -> str:
-    """A checkpoint's epoch, or its step where the epoch is unknown (the auto run's end)."""
+    """Where in its run a checkpoint is: its epoch, or its step where the epoch is unknown (the auto run's end)."""
     if point.get("epoch") is not None:
-        return f"{point['epoch']:.1f}"
-    return f"end (step {point.get('step', '?')})"
+        return f"epoch {point['epoch']:.1f}"
+    return f"step {point.get('step', '?')}"
 
 
 def _bytes(value: Any) -> str:
@@ -376,7 +376,7 @@ def frontier_tables(report: Mapping[str, Any], families: list[dict[str, Any]]) -
     lines = [
         f"## Figure of merit: retain answer probability at forget answer probability {x:g}",
         "",
-        f"Per method, every checkpoint of every learning rate (evaluated at step 0 and every {s['eval_every']} "
+        f"Per method, every checkpoint of every learning rate (evaluated at step 0 and every {s['eval_every']:g} "
         f"{s['eval_unit']}) is a point (forget prob, retain prob); the frontier is their upper-left Pareto envelope, "
         f"read at forget = {x:g} by linear interpolation between the two frontier points that bracket it "
         "(benchmarks/frontier.py). 'not reached': no checkpoint forgot that much. 'best checkpoint': the real "
@@ -440,7 +440,8 @@ def _density_section(families: list[dict[str, Any]], s: Mapping[str, Any], x: fl
         "## Density regime",
         "",
         f"Mean over seeds of the figure of merit; each budget has its own learning-rate grid ({_grids(s)}). GRIN and "
-        "the other masks at one budget train the same number of entries and save files of the same size.",
+        "the other masks at one budget train the same number of entries (their files differ by a few header bytes: "
+        "the entries per module differ). Full NPO's delta is the whole model; LoRA's its A and B matrices.",
         "",
         _table(head, rows),
         "",
@@ -480,7 +481,7 @@ def _operating_section(families: list[dict[str, Any]], report: Mapping[str, Any]
             cells = {
                 "method": fam["family"], "seed": str(seed), "meets": "yes" if point["forget"] <= x else "no",
                 "lr": "auto" if point.get("lr") is None else f"{point['lr']:g}",
-                "epoch": _epoch(point), "forget": point["forget"], "retain": point["retain"],
+                "epoch": _epoch(point).removeprefix("epoch "), "forget": point["forget"], "retain": point["retain"],
                 **{key: full.get(key) for key, _ in OPERATING_COLUMNS[7:]},
             }  # fmt: skip
             rows.append([fmt_num(cells[key], "e" if key == "forget_quality" else "g") for key, _ in OPERATING_COLUMNS])
@@ -564,7 +565,7 @@ def _runs_section(report: Mapping[str, Any]) -> list[str]:
             [run["run"], fmt_num(run.get("steps")), str(len(points)),
              fmt_num(min((p["forget"] for p in points), default=None)), fmt_num(last.get("forget")),
              fmt_num(last.get("retain")),
-             "-" if not kept else f"epoch {_epoch(kept)}: {kept['forget']:.3f} / {kept['retain']:.3f}",
+             "-" if not kept else f"{_epoch(kept)}: {kept['forget']:.3f} / {kept['retain']:.3f}",
              fmt_num(run.get("wall_seconds"), "s"), fmt_num(run.get("trajectory_eval_seconds"), "s"),
              run.get("error") or ""]
         )  # fmt: skip
@@ -696,7 +697,8 @@ def write_regime_summary(reports: Mapping[str, Mapping[str, Any]], out: Path, st
         models = report.get("models", {})
         params = models.get("num_parameters")
         items = (models.get("target") or {}).get("num_items")
-        head.append(f"{name} ({fmt_num(params)} params, {fmt_num(items)} items)")
+        ratio = f", {params / items:,.0f} per item" if params and items else ""
+        head.append(f"{name} ({fmt_num(params)} params, {fmt_num(items)} memorised items{ratio})")
     rows = []
     for family in families:
         cells = [family]
@@ -707,8 +709,9 @@ def write_regime_summary(reports: Mapping[str, Mapping[str, Any]], out: Path, st
     lines = [
         f"# TOFU model regimes: retain answer probability at forget answer probability {x:g}",
         "",
-        "Same protocol in each regime (benchmarks/bench_tofu.py --frontier); mean over seeds of the figure of merit. "
-        "Parameters per memorised item fall from left to right when the regimes are 5m, 1m, authors40.",
+        "Same protocol in each regime (benchmarks/bench_tofu.py --frontier); mean over seeds of the figure of merit "
+        "(retain prob at the forget target, interpolated on each method's frontier). Memorised items: the target's "
+        "training set (TOFU authors kept + real_authors + world_facts).",
         "",
         _table(head, rows),
         "",

@@ -247,6 +247,20 @@ def test_frontier_runs_shared_by_two_workers_cover_every_seed(tmp_path):
     assert "seed 1" in (out / "tofu_smoke.md").read_text()
 
 
+def test_regime_list_runs_each_regime_and_writes_them_side_by_side(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    result = bench_tofu.main([*argv, "--regime", "1m,5m", "--methods", "full NPO", "--utility", "none"])
+    assert set(result["regimes"]) == {"1m", "5m"}
+    for regime in ("1m", "5m"):
+        saved = json.loads((out / f"tofu_smoke_{regime}.json").read_text())
+        assert saved["settings"]["regime"] == regime and [f["family"] for f in saved["frontiers"]] == ["full NPO"]
+        assert saved["results"] == []  # --utility none: no full evaluation
+    summary = (out / "tofu_smoke_regimes.md").read_text()
+    assert "| full NPO |" in summary and "1m (" in summary and "5m (" in summary
+
+
 def test_frontier_reports_merge_by_run(tmp_path):
     def report(runs):
         fams = [{"family": r["family"], "kind": "full", "density": 1.0, "score": None} for r in runs]
