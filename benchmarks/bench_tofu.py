@@ -40,6 +40,14 @@ Three modes:
   the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-mask`` (per density band by default; see
   ``benchmarks/tofu_methods.py``).
 
+  Cost on the 2-core machine (2 workers, warm cache; an estimate from BENCHMARKS.md section 5 and partial runs,
+  not one measured end to end): a run is 65 steps (5 epochs x 13) plus 5 trajectory points of 2-5 s each (one
+  more for the first rate of each method): full NPO and LoRA ~75-80 s, GRIN ~90 s at <= 1% rising to ~145 s at
+  50% (the sparse op costs more per step at high density), a random mask ~8 s less (no scoring pass). The
+  default (one seed, 57 runs) is ~6,100 worker-seconds, ~51 min on two workers, plus ~5 min for the 16 full
+  evaluations: ~55 min. Without the 50% budget (``--densities 0.001,0.01,0.05,0.1,0.25``) ~46 min;
+  ``--utility none`` saves ~5 min; ``--seeds 0,1`` doubles it.
+
 **Model regimes** (parameters per memorised fact; ``--regime``, see ``benchmarks/tofu_models.py``): ``1m`` the
 default 1.3M-parameter target on all 200 authors, ``5m`` a 5.8M-parameter one (hidden 256, 4 layers), ``authors40``
 the 1.3M model memorising 40 authors only (the forget10 authors and the retain evaluation's 20; ``--authors N``

@@ -198,7 +198,8 @@ class TrajectoryCallback(TrainerCallback):
             self.kept = point
             if self.keep_state:
                 trained = model.named_parameters()
-                self.kept_state = {name: p.detach().clone() for name, p in trained if p.requires_grad}
+                # on the CPU: a full-parameter copy of a large model must not double its GPU memory
+                self.kept_state = {name: p.detach().to("cpu", copy=True) for name, p in trained if p.requires_grad}
         self.eval_seconds += time.perf_counter() - t0
         log(f"    step {step} (epoch {point['epoch']:.2f}): forget {probs['forget']:.3f} retain {probs['retain']:.3f}")
 
