@@ -71,7 +71,7 @@ Outputs (``--out``, default ``benchmarks/results``): ``<stem>.json`` (settings, 
 
     python benchmarks/bench_tofu.py                         # main table (forget10, main methods + selectors)
     python benchmarks/bench_tofu.py --lr-sweep              # the learning-rate pilot (teacher-forced metrics only)
-    python benchmarks/bench_tofu.py --frontier              # frontiers + density regime (about 45 min, warm cache)
+    python benchmarks/bench_tofu.py --frontier              # frontiers + density regime (~55 min, warm cache)
     python benchmarks/bench_tofu.py --frontier --seeds 0,1  # the same for two unlearning seeds (twice the time)
     python benchmarks/bench_tofu.py --frontier --regime 1m,5m,authors40 --densities 0.01,0.1 --utility none
     python benchmarks/bench_tofu.py --frontier --smoke --out /tmp/x   # seconds: every kind, tiny model
@@ -579,8 +579,11 @@ def table_workers(
 # ------------------------------------------------------------------------------------------------ frontier
 
 
-def frontier_settings(args: argparse.Namespace, train: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
-    families = frontier_families(args)
+def frontier_settings(
+    args: argparse.Namespace, runs: list[Method], train: dict[str, Any], task: dict[str, Any]
+) -> dict[str, Any]:
+    selected = {run.group for run in runs}
+    families = [fam for fam in frontier_families(args) if fam["family"] in selected]
     return {
         "forget": args.forget,
         "retain": FORGET_TO_RETAIN[args.forget],
@@ -631,7 +634,7 @@ def frontier_benchmark(
         "mode": "frontier",
         "command": "python benchmarks/bench_tofu.py " + " ".join(args.argv),
         "environment": environment(),
-        "settings": frontier_settings(args, train, task),
+        "settings": frontier_settings(args, runs, train, task),
         "models": models_info,
         "points": {
             "target": answer_probabilities(target, qa_format, task["splits"], args.eval_batch_size),
