@@ -9,21 +9,31 @@ the job queue that worker processes share.
   its file's bytes are the delta size the report gives, and the full evaluation (:func:`evaluate_checkpoint`) loads
   it later, so no run is repeated. The "auto" run (``grin_peft.unlearn`` with its own defaults) is scored once at
   its end: its own operating point.
-* :func:`claim`: worker processes share one list of jobs; each takes the next job nobody has taken by creating
-  its claim file (``O_CREAT | O_EXCL``: exactly one process succeeds), so fast and slow jobs balance over the
-  workers without a scheduler.
+* :func:`spawn_workers` starts worker processes of the same command on one phase's job list; :func:`claim`: each
+  takes the next job nobody has taken by creating its claim file (``O_CREAT | O_EXCL``: exactly one process
+  succeeds), so fast and slow jobs balance over the workers without a scheduler.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import Method, log, quiet_transformers, run_method  # benchmarks/ is on sys.path when run as a script
+from common import (  # benchmarks/ is on sys.path when run as a script
+    HERE,
+    Method,
+    log,
+    quiet_transformers,
+    run_method,
+    worker_env,
+)
 from tofu_eval import TrajectoryCallback, answer_probabilities
 from tofu_models import localize_sample
 
@@ -40,6 +50,25 @@ def claim(directory: Path | None, job: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def spawn_workers(args: Any, shared: Path, phase: str, count: int) -> tuple[list[dict], list[int]]:
+    """Run ``count`` worker processes of this command on one phase's job list (each takes unclaimed jobs, one torch
+    thread each) and return the reports they wrote and their exit codes."""
+    parts = shared / f"parts-{phase}"
+    commands = [
+        [sys.executable, str(HERE / "bench_tofu.py"), *args.argv, "--workers", "1", "--worker-dir", str(shared),
+         "--worker-phase", phase, "--out", str(parts), "--stem", f"part{w}"]
+        for w in range(count)
+    ]  # fmt: skip
+    procs = [subprocess.Popen(c, env=worker_env(str(w))) for w, c in enumerate(commands)]
+    codes = [proc.wait() for proc in procs]
+    reports = [
+        json.loads((parts / f"part{w}.json").read_text(encoding="utf-8"))
+        for w in range(count)
+        if (parts / f"part{w}.json").is_file()
+    ]
+    return reports, codes
 
 
 def _or_nan(value: float | None) -> float:
