@@ -1,4 +1,5 @@
-"""Smoke runs of the unlearning benchmarks and the pieces they add (full-parameter training, SSD).
+"""Smoke runs of the unlearning benchmarks and the pieces they add (full-parameter training, SSD, the frontier
+mode's trajectories, workers, merging and model regimes).
 
 The TOFU smoke run uses a TOFU-format folder written from the synthetic generator, so it runs anywhere, offline,
 without the real data; the hazard smoke run needs the real WMDP/PKU files and is skipped without them. Both train a
