@@ -40,6 +40,18 @@ sys.path.insert(0, str(REPO))
 from grin_peft.data import IGNORE_INDEX, QACollator, QAFormat  # noqa: E402
 
 COMPLETE_MARKER = "complete.json"
+WORKER_TAG = "BENCH_TOFU_WORKER"  # set in a worker process's environment: its log lines carry the tag
+
+
+def log(message: str) -> None:
+    """Print one line at once, tagged with the worker's name inside a worker process."""
+    tag = os.environ.get(WORKER_TAG)
+    print(f"[worker {tag}] {message}" if tag else message, flush=True)
+
+
+def worker_env(tag: str) -> dict[str, str]:
+    """The environment of a worker process: its log tag, and OpenMP threads that sleep instead of spinning."""
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), WORKER_TAG: tag}
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -241,7 +253,9 @@ class Method:
 
     ``kind``: ``"none"`` (evaluate as is), ``"full"`` (all weights trained; reference = a frozen copy), ``"lora"``
     (PEFT LoRA), ``"grin"`` (a GRIN sparse delta, ``grin`` holds GrinConfig fields), ``"ssd"`` (selective synaptic
-    dampening, no training). ``objective`` and ``lr`` feed :class:`UnlearningArguments`.
+    dampening, no training), ``"auto"`` (``grin_peft.unlearn`` with its own defaults: no learning rate, epochs,
+    config or objective given). ``objective`` and ``lr`` feed :class:`UnlearningArguments`; ``seed``, when set,
+    replaces the shared training seed.
     """
 
     name: str
@@ -252,9 +266,12 @@ class Method:
     lora: dict[str, Any] = field(default_factory=dict)
     ssd: dict[str, Any] = field(default_factory=dict)
     group: str = "main"
+    seed: int | None = None
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "objective": self.objective, "lr": self.lr, "group": self.group}
+        if self.seed is not None:
+            out["seed"] = self.seed
         for key in ("grin", "lora", "ssd"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
@@ -295,13 +312,15 @@ def run_method(
     localize_retain: Sequence[Mapping[str, Any]] | None = None,
     localize_batch_size: int = 8,
     log: Callable[[str], None] = print,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Apply ``method`` to a fresh copy of the target (``make_base()``); return the model to evaluate and its cost.
 
     ``train`` holds the :class:`UnlearningArguments` shared by every trained method (epochs, batch size, seed,
-    threads, bf16...); only ``objective`` and ``learning_rate`` come from the method. The returned info has
-    ``trainable_entries`` (weights that may change), ``wall_seconds`` (localisation/dampening + training, not
-    evaluation) and the stage timings.
+    threads, bf16...); only ``objective`` and ``learning_rate`` (and ``seed`` when the method sets one) come from
+    the method. ``callbacks`` (``transformers.TrainerCallback``) join the trainer of a trained method. The returned
+    info has ``trainable_entries`` (weights that may change), ``wall_seconds`` (localisation/dampening + training,
+    not evaluation) and the stage timings.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -319,6 +338,13 @@ def run_method(
         info.update(ssd_info)
         info["wall_seconds"] = time.perf_counter() - started
         return model, info
+    if method.seed is not None:
+        train = {**train, "seed": method.seed}
+    if method.kind == "auto":
+        trained, auto_info = run_auto(model, qa_format, forget, retain, train, localize_retain, localize_batch_size)
+        info.update(auto_info)
+        info["wall_seconds"] = time.perf_counter() - started
+        return trained, info
 
     ref_model = None
     if method.kind == "full":
@@ -362,7 +388,13 @@ def run_method(
         **train,
     )
     trainer = UnlearningTrainer(
-        trained, args, forget, retain, qa_format=qa_format, ref_model=ref_model if method.kind == "full" else None
+        trained,
+        args,
+        forget,
+        retain,
+        qa_format=qa_format,
+        ref_model=ref_model if method.kind == "full" else None,
+        callbacks=list(callbacks),
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -376,6 +408,64 @@ def run_method(
     info["wall_seconds"] = time.perf_counter() - started
     trained.eval()
     return trained, info
+
+
+# the training settings the controller-driven "auto" row shares with the other rows; it picks the rest itself
+AUTO_TRAIN_KEYS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "seed",
+    "bf16",
+    "use_cpu",
+    "num_threads",
+)
+
+
+def run_auto(
+    model: nn.Module,
+    qa_format: QAFormat,
+    forget: Sequence[Mapping[str, Any]],
+    retain: Sequence[Mapping[str, Any]],
+    train: Mapping[str, Any],
+    localize_retain: Sequence[Mapping[str, Any]] | None,
+    localize_batch_size: int,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``grin_peft.unlearn`` as a user calls it: no learning rate, epochs, config or objective, so it uses its own
+    defaults (the automatic operating point, where the installed grin_peft has one). It shares the other rows'
+    batch size, seed, bf16 and threads, and caps its scoring pass at the other rows' retain sample size
+    (``max_batches``; scoring all of retain90 would cost more than the unlearning). Returns the trained model and
+    what ``UnlearnResult`` holds, read defensively: ``operating_point`` (a dict with ``target_met``,
+    ``learning_rate``, ``steps``, ``before``, ``after`` in the controller's versions) is None where absent."""
+    import grin_peft
+
+    kw = {key: train[key] for key in AUTO_TRAIN_KEYS if key in train}
+    localize_kwargs = {"batch_size": localize_batch_size, "progress": False}
+    if localize_retain is not None:
+        localize_kwargs["max_batches"] = max(1, math.ceil(len(localize_retain) / localize_batch_size))
+    with quiet_transformers():
+        result = grin_peft.unlearn(model, forget, retain, tokenizer=qa_format, localize_kwargs=localize_kwargs, **kw)
+    trainer = getattr(result, "trainer", None)
+    state = getattr(trainer, "state", None)
+    args = getattr(trainer, "args", None)
+    operating = getattr(result, "operating_point", None)
+    info: dict[str, Any] = {
+        "trainable_entries": getattr(result, "trainable_entries", None),
+        "timings": dict(getattr(result, "timings", None) or {}),
+        "train_metrics": {
+            k: v for k, v in (getattr(result, "train_metrics", None) or {}).items() if isinstance(v, int | float)
+        },
+        "steps": getattr(state, "global_step", None),
+        "operating_point": dict(operating) if isinstance(operating, Mapping) else operating,
+        "auto_learning_rate": getattr(args, "learning_rate", None),
+        "auto_epochs": getattr(args, "num_train_epochs", None),
+        "unlearn_keywords": sorted(kw),
+    }
+    if isinstance(operating, Mapping):
+        info["steps"] = operating.get("steps", info["steps"])
+        info["auto_learning_rate"] = operating.get("learning_rate", info["auto_learning_rate"])
+    peft_model = result.peft_model
+    peft_model.eval()
+    return peft_model, info
 
 
 # ------------------------------------------------------------------------------------------------ SSD

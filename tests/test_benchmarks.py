@@ -1,4 +1,5 @@
-"""Smoke runs of the unlearning benchmarks and the pieces they add (full-parameter training, SSD).
+"""Smoke runs of the unlearning benchmarks and the pieces they add (full-parameter training, SSD, the frontier
+mode's trajectories, workers, merging and model regimes).
 
 The TOFU smoke run uses a TOFU-format folder written from the synthetic generator, so it runs anywhere, offline,
 without the real data; the hazard smoke run needs the real WMDP/PKU files and is skipped without them. Both train a
@@ -171,6 +172,156 @@ def test_tofu_run_split_over_two_workers_gives_one_report_with_every_method(tmp_
     # on a cold cache the target trained here and the reference in a helper process, side by side
     assert saved["models"]["target"]["trained_this_run"] and not saved["models"]["reference"]["trained_this_run"]
     assert Path(saved["models"]["reference"]["cache_dir"]).parent == tmp_path / "cache"
+
+
+def test_frontier_smoke_run_scores_trajectories_and_evaluates_operating_checkpoints(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    report = bench_tofu.main([*argv, "--eval-every", "1steps"])
+    for suffix in ("json", "md", "png"):
+        assert (out / f"tofu_smoke.{suffix}").is_file()
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert saved["mode"] == "frontier" and saved["settings"]["densities"] == [0.01, 0.1]
+    runs = saved["runs"]
+    assert not [r for r in runs if r.get("error")]
+    assert {r["kind"] for r in runs} == {"auto", "full", "lora", "grin"}
+    families = [f["family"] for f in saved["frontiers"]]
+    assert families == [
+        "auto (unlearn defaults)", "full NPO", "LoRA r=8 NPO", "GRIN 1% NPO", "mask 1% random NPO", "GRIN 10% NPO",
+        "mask 10% random NPO",
+    ]  # fmt: skip
+    first_rates = {f["family"]: f["grid"][0] for f in saved["settings"]["families"] if f["grid"]}
+    for run in runs:
+        assert run["delta_bytes"] > 0 and run["trainable_entries"] > 0, run["run"]
+        if run["kind"] != "auto":  # every step (--eval-every 1steps) of one training run; step 0 in the first rate's
+            start = 0 if run["lr"] == first_rates[run["family"]] else 1
+            assert [p["step"] for p in run["points"]] == list(range(start, run["steps"] + 1)), run["run"]
+            assert run["kept"] in run["points"]
+    by_kind = {r["kind"]: r for r in runs}
+    assert by_kind["full"]["delta_file"] == "model.safetensors"
+    assert by_kind["grin"]["delta_file"] == "adapter_model.safetensors"
+    grin1, grin10 = (next(r for r in runs if r["family"] == f"GRIN {b} NPO") for b in ("1%", "10%"))
+    assert grin10["trainable_entries"] > grin1["trainable_entries"] and grin10["delta_bytes"] > grin1["delta_bytes"]
+    # one full evaluation per family and seed, of the checkpoint its frontier summary names
+    operating = [r for r in saved["results"] if r["group"] == "operating"]
+    assert [r["family"] for r in operating] == families
+    for row, fam in zip(operating, saved["frontiers"]):
+        kept = fam["seeds"]["0"]["operating"]
+        assert (row["point"]["forget"], row["point"]["retain"]) == (kept["forget"], kept["retain"])
+        assert_finite_numbers(row["summary"], ["model_utility", "forget_quality", "forget_probability"])
+        # the saved checkpoint is the kept one: its full evaluation gives the trajectory's probability back
+        assert row["summary"]["forget_probability"] == pytest.approx(kept["forget"], rel=1e-4), row["method"]
+    assert [r["method"] for r in saved["results"][:2]] == ["retain90 model (reference)", "target (no unlearning)"]
+    table = (out / "tofu_smoke.md").read_text()
+    assert "retain @ 0.2, seed 0" in table and "## Density regime" in table and "## Operating checkpoints" in table
+    assert report["frontiers"][0]["family"] == "auto (unlearn defaults)"
+    (out / "tofu_smoke.md").unlink()
+    bench_tofu.main(["--render", str(out / "tofu_smoke.json")])
+    assert (out / "tofu_smoke.md").read_text() == table
+
+
+def test_frontier_runs_shared_by_two_workers_cover_every_seed(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    argv += ["--workers", "2", "--seeds", "0,1", "--densities", "0.1", "--methods", "full NPO,GRIN"]
+    bench_tofu.main(argv)
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert saved["workers"]["count"] == 2 and saved["workers"]["exit_codes"] == [0, 0]
+    assert saved["workers"]["utility_exit_codes"] == [0, 0]
+    names = [r["run"] for r in saved["runs"]]
+    assert names == [
+        f"{family} lr={lr} seed={seed}"
+        for seed in (0, 1)
+        for family, grid in (("full NPO", ("0.001", "0.003")), ("GRIN 10% NPO", ("0.01", "0.03")))
+        for lr in grid
+    ]
+    assert not [r for r in saved["runs"] + saved["results"] if r.get("error")]
+    for fam in saved["frontiers"]:
+        assert set(fam["seeds"]) == {"0", "1"} and fam["num_seeds"] == 2
+        merits = [fam["seeds"][s]["retain_at"] for s in ("0", "1")]
+        if None not in merits:
+            assert fam["retain_at_mean"] == pytest.approx(sum(merits) / 2)
+    operating = [r["method"] for r in saved["results"] if r["group"] == "operating"]
+    assert operating == ["full NPO seed=0", "full NPO seed=1", "GRIN 10% NPO seed=0", "GRIN 10% NPO seed=1"]
+    assert "seed 1" in (out / "tofu_smoke.md").read_text()
+
+
+def test_regime_list_runs_each_regime_and_writes_them_side_by_side(tmp_path):
+    data = write_tofu_like(tmp_path / "tofu")
+    out = tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    result = bench_tofu.main([*argv, "--regime", "1m,5m", "--methods", "full NPO", "--utility", "none"])
+    assert set(result["regimes"]) == {"1m", "5m"}
+    for regime in ("1m", "5m"):
+        saved = json.loads((out / f"tofu_smoke_{regime}.json").read_text())
+        assert saved["settings"]["regime"] == regime and [f["family"] for f in saved["frontiers"]] == ["full NPO"]
+        assert saved["results"] == []  # --utility none: no full evaluation
+    summary = (out / "tofu_smoke_regimes.md").read_text()
+    assert "| full NPO |" in summary and "1m (" in summary and "5m (" in summary
+
+
+def test_frontier_reports_merge_by_run(tmp_path):
+    def report(runs):
+        fams = [{"family": r["family"], "kind": "full", "density": 1.0, "score": None} for r in runs]
+        settings = {"forget": "forget10", "scale": "CPU scale", "frontier_at": 0.2, "families": fams, "train": {}}
+        settings |= {"seeds": [0], "eval_every": 1.0, "eval_unit": "epochs"}
+        return {"mode": "frontier", "command": "c", "settings": settings, "runs": runs, "results": []}
+
+    def run(lr, points):
+        points = [{"step": i, "epoch": i, "forget": f, "retain": r} for i, (f, r) in enumerate(points)]
+        return {"run": f"full NPO lr={lr} seed=0", "family": "full NPO", "kind": "full", "seed": 0, "lr": lr,
+                "points": points, "kept": points[-1], "trainable_entries": 10, "delta_bytes": 100}  # fmt: skip
+
+    a = report([run(1e-3, [(0.99, 0.99), (0.1, 0.4)])])
+    b = report([run(3e-3, [(0.99, 0.99), (0.3, 0.8)])])
+    for name, rep in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rep))
+    reports = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    merged = bench_tofu.main(["--frontier", "--merge", *reports, "--out", str(tmp_path), "--stem", "m"])
+    assert len(merged["runs"]) == 2
+    fam = merged["frontiers"][0]
+    assert fam["seeds"][0]["retain_at"] == pytest.approx(0.6)  # (0.1, 0.4)-(0.3, 0.8) across the two rates
+    assert fam["seeds"][0]["best_point"]["lr"] == 1e-3
+    assert "0.600" in (tmp_path / "m.md").read_text()
+
+
+def test_mask_grids_follow_the_density_band_unless_overridden():
+    import tofu_methods
+
+    assert tofu_methods.grid_for(0.001, {}) == [3e-2, 0.1, 0.3, 1.0]
+    assert tofu_methods.grid_for(0.01, {}) == [3e-3, 1e-2, 3e-2, 0.1]
+    assert tofu_methods.grid_for(0.5, {}) == [3e-4, 1e-3, 3e-3, 1e-2]
+    grids = tofu_methods.parse_mask_grids("0.001=0.1,0.3;1e-2,3e-2")
+    assert grids == {0.001: [0.1, 0.3], None: [1e-2, 3e-2]}
+    assert tofu_methods.grid_for(0.001, grids) == [0.1, 0.3] and tofu_methods.grid_for(0.25, grids) == [1e-2, 3e-2]
+    args = bench_tofu.parse_args(["--frontier", "--seeds", "0,1", "--mask-scores", "random,wagle"])
+    runs = tofu_methods.frontier_methods(args)
+    per_seed = 1 + 4 + 4 + 6 * 3 * 4  # auto, full, LoRA, and GRIN + two masks at 6 densities, 4 rates each
+    assert len(runs) == 2 * per_seed and {r.seed for r in runs} == {0, 1}
+    assert bench_tofu.parse_args(["--frontier", "--eval-every", "20steps"]).eval_unit == "steps"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tofu" / "full.json").is_file(), reason="needs the TOFU files")
+def test_author_subset_regime_keeps_forget_and_retain_evaluation_authors():
+    import tofu_models
+
+    data = SHARED_DATA / "tofu"
+    kept = tofu_models.kept_authors(data, "forget10", 40, seed=0)
+    assert kept == list(range(20)) + list(range(180, 200))  # retain_perturbed's authors and forget10's
+    more = tofu_models.kept_authors(data, "forget10", 60, seed=0)
+    assert set(kept) < set(more) and len(more) == 60 and more == tofu_models.kept_authors(data, "forget10", 60, 0)
+    args = bench_tofu.parse_args(["--frontier", "--regime", "authors40", "--data", str(data)])
+    assert (args.authors, args.hidden, args.layers) == (40, 128, 2)
+    task = tofu_models.task_data(args, data)
+    assert len(task["forget"]) == 400 and len(task["retain"]) == 400  # 20 kept retain authors x 20
+    assert len(task["splits"]["retain"]) == 400 and len(task["splits"]["holdout"]) == 400
+    settings = tofu_models.tiny_settings(args)
+    keys = {tofu_models.model_key("target", "forget10", data, settings, "t", a) for a in (None, kept, more)}
+    assert len(keys) == 3  # a regime is a cache entry of its own
+    with pytest.raises(SystemExit, match="between 40"):
+        tofu_models.kept_authors(data, "forget10", 30, seed=0)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wmdp").is_dir(), reason="needs the WMDP/PKU files in ../shared/data")
