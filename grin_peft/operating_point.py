@@ -16,8 +16,8 @@ of the retain data, which training and localisation never see, at least a fracti
    fades once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest
    forget probability above the floor and continues with the objective's retain weight tripled (twice at most:
    that changes the path's direction, a smaller rate mostly does not), then at the grid's next smaller rate; a pace
-   too slow to reach the target within the budget continues from the current state at three times the rate (both
-   bounded by ``max_adjustments`` and the grid's ends). A rollback whose best path so far lost more than twice the
+   too slow to reach the target within the budget, with at least half the retain margin unspent, continues from the
+   current state at the grid's next larger rate (both bounded by ``max_adjustments`` and the grid's ends). A rollback whose best path so far lost more than twice the
    held-out retain probability per unit of forgetting that the target allows ends the search: smaller rates move
    along much the same path (and `unlearn` may try a larger density). Once the target is met, training goes on
    while held-out retain keeps improving (NPO's forget gradient fades and the retain term repairs), for at most
@@ -227,6 +227,7 @@ class _Search:
         self.below_floor = 0  # consecutive evaluations below the floor
         self.steps_done = 0
         self.gave_up = False
+        self.start_heldout: float | None = None  # the original model's held-out retain probability
 
     # -------------------------------------------------------------------------------------------- probes
     def probe(self, start_forget: float, target: float) -> tuple[float, list[dict[str, Any]]]:
@@ -324,7 +325,7 @@ class _Search:
         if self.fallback is None or evaluation.forget < self.fallback[0].forget:
             self.fallback = (evaluation, _snapshot(self.model))
         faster_exists = any(g > lr for g in self.point.lr_grid)
-        return "faster" if faster_exists and self._too_slow(target) else "continue"
+        return "faster" if faster_exists and self._too_slow(target, floor) else "continue"
 
     def hopeless(self, before: dict[str, float], target: float, floor: float) -> bool:
         """At a rollback: the best path so far paid more than twice the held-out retain per unit of forgetting that
@@ -344,12 +345,16 @@ class _Search:
         self.gave_up = True
         return True
 
-    def _too_slow(self, target: float) -> bool:
-        """Linear pace of the last two evaluations in this segment cannot reach the target within the budget."""
+    def _too_slow(self, target: float, floor: float) -> bool:
+        """The linear pace of this segment's last two evaluations cannot reach the target within the budget, and at
+        least half the retain margin is unspent (a run near its floor that repairs must not be pushed harder)."""
         segment = [e for e in self.history if e.step > self.segments[-1]["start_step"]]
         if len(segment) < 2:
             return False
         a, b = segment[-2], segment[-1]
+        start = self.history[0].heldout if self.start_heldout is None else self.start_heldout
+        if b.heldout - floor < 0.5 * (start - floor):
+            return False
         pace = (a.forget - b.forget) / max(1, b.step - a.step)
         remaining = self.budget - self.steps_done
         return pace <= 0 or (b.forget - target) / pace > remaining
@@ -429,6 +434,7 @@ def search(
             "retain_prob": _mean_prob(scorer, retain_eval),
             "heldout_retain_prob": _mean_prob(scorer, heldout),
         }
+    search_state.start_heldout = before["heldout_retain_prob"]
     target = point.target(before["forget_prob"])
     floor = point.retain_floor * before["heldout_retain_prob"]
     log(
