@@ -38,6 +38,8 @@ SCORE_LABELS = {
     "wagle": "WAGLE",
     "squared_ratio": "LoKU/FILA (squared ratio)",
     "ssd": "SSD score",
+    "leverage_ratio": "leverage ratio (pool 4)",
+    "retain_complement": "retain complement",
 }
 
 DEFAULT_DENSITIES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5)
