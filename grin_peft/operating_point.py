@@ -12,15 +12,15 @@ of the retain data, which training and localisation never see, at least a fracti
    least held-out retain probability per unit of forget probability removed (ties within 0.01 go to the smaller
    rate). If none keeps pace, the fastest rate that keeps the floor.
 2. **Train** under watch: forget and held-out retain probabilities (teacher-forced, batched) every ``eval_every``
-   steps. Breaking the retain floor for more than ``patience`` evaluations in a row (NPO's forget gradient
-   fades once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest
-   forget probability above the floor and continues with the objective's retain weight tripled (twice at most:
-   that changes the path's direction, a smaller rate mostly does not), then at the grid's next smaller rate; a pace
-   too slow to reach the target within the budget, with at least half the retain margin unspent, continues from the
-   current state at the grid's next larger rate (both bounded by ``max_adjustments`` and the grid's ends). A rollback whose best path so far lost more than twice the
-   held-out retain probability per unit of forgetting that the target allows ends the search: smaller rates move
-   along much the same path (and `unlearn` may try a larger density). Once the target is met, training goes on
-   while held-out retain keeps improving (NPO's forget gradient fades and the retain term repairs), for at most
+   steps. Breaking the retain floor for more than ``patience`` evaluations in a row (NPO's forget gradient fades
+   once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest forget
+   probability above the floor and continues with the objective's retain weight tripled (twice at most: that
+   changes the path's direction, a smaller rate mostly does not), then at the grid's next smaller rate. A pace too
+   slow to reach the target within the budget, with at least half the retain margin unspent, continues from the
+   current state at the grid's next larger rate (both bounded by ``max_adjustments`` and the grid's ends). A
+   rollback whose best path so far lost more than twice the held-out retain probability per unit of forgetting that
+   the target allows ends the search: smaller rates move along much the same path (and `unlearn` may try a larger
+   density). Once the target is met, training goes on while held-out retain keeps improving, for at most
    ``patience`` evaluations without improvement.
 3. **Keep** the best evaluated state by one printed rule: among states that met the target and kept the floor, the
    highest held-out retain probability; if none met the target, the lowest forget probability among states that
