@@ -199,6 +199,10 @@ def test_frontier_smoke_run_scores_trajectories_and_evaluates_operating_checkpoi
             assert [p["step"] for p in run["points"]] == list(range(start, run["steps"] + 1)), run["run"]
             assert run["kept"] in run["points"]
     by_kind = {r["kind"]: r for r in runs}
+    # the auto row is unlearn() with its defaults: the automatic operating point, whose record the report keeps
+    auto = by_kind["auto"]["operating_point"]
+    assert {"target_met", "learning_rate", "probes", "evaluations", "before", "after"} <= set(auto)
+    assert auto["before"]["forget_prob"] > 0 and auto["settings"]["forget_target"] == 0.2
     assert by_kind["full"]["delta_file"] == "model.safetensors"
     assert by_kind["grin"]["delta_file"] == "adapter_model.safetensors"
     grin1, grin10 = (next(r for r in runs if r["family"] == f"GRIN {b} NPO") for b in ("1%", "10%"))
