@@ -227,8 +227,8 @@ def unlearn(
         if record is None:
             after = _probabilities(trainer, peft_model, run.forget_eval, run.retain_eval, original=False)
             log(
-                f"forget prob {before['forget_prob']:.3f} -> {after['forget_prob']:.3f}, retain prob "
-                f"{before['retain_prob']:.3f} -> {after['retain_prob']:.3f} (fixed schedule: no target)"
+                ", ".join(f"{key} {before[key]:.3f} -> {after[key]:.3f}" for key in before)
+                + " (fixed schedule: no target)"
             )
         else:
             after = record["after"]

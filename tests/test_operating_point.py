@@ -238,6 +238,11 @@ def test_fixed_schedule_switches_the_controller_off_and_conflicts_are_refused(me
     with pytest.raises(GrinError, match="operating_point chooses the learning rate"):
         unlearn(copy.deepcopy(memorised.model), ds.forget, ds.retain, tokenizer=tok, operating_point=True,
                 learning_rate=1e-2, **TRAIN)  # fmt: skip
+    without_retain = unlearn(
+        copy.deepcopy(memorised.model), ds.forget, None, tokenizer=tok, config=GrinConfig(density=1e-2),
+        objective="grad_ascent", learning_rate=1e-2, num_train_epochs=1, verbose=True, **TRAIN,
+    )  # fmt: skip
+    assert set(without_retain.before) == set(without_retain.after) == {"forget_prob"}
     with pytest.raises(GrinError, match="needs retain data"):
         unlearn(copy.deepcopy(memorised.model), ds.forget, None, tokenizer=tok, objective="grad_ascent", **TRAIN)
 
