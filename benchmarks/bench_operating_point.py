@@ -14,7 +14,7 @@ Two parts (both on the cached models of ``bench_tofu.py`` and of ``grin-peft dem
 
 Outputs ``benchmarks/results/operating_point.{json,md}`` (``--out``).
 
-    python benchmarks/bench_operating_point.py --cli
+    python benchmarks/bench_operating_point.py --cli --seeds 0,1
     python benchmarks/bench_operating_point.py --methods full,lora,grin:0.05,grin:0.25 --batch-size 32
 """
 
@@ -50,8 +50,9 @@ def tofu_target(work: Path) -> tuple[Any, Any, Path]:
     """The cached TOFU target (trained once by bench_tofu) and its tokenizer, also saved as a model folder."""
     args = bench_tofu.parse_args(["--workers", "1"])
     data = Path(args.data)
-    settings, root, tokenizer, tok_key = bench_tofu.tiny_setup(args, data)
-    target, _ = bench_tofu.load_or_train("target", "forget10", data, settings, root, tokenizer, tok_key)
+    setup = bench_tofu.tiny_setup(args, data)  # settings, cache root, tokenizer, its key, author subset
+    tokenizer = setup[2]
+    target, _ = bench_tofu.load_or_train("target", "forget10", data, *setup)
     folder = work / "tofu"
     if not (folder / "model").exists():
         target.save_pretrained(folder / "model")
@@ -75,11 +76,11 @@ def demo_target(work: Path) -> Path:
     return folder
 
 
-def run_cli(folder: Path) -> dict[str, Any]:
-    """`grin-peft unlearn` with no tuning flag; the summary it wrote (or, when it refused, what it printed)."""
+def run_cli(folder: Path, seed: int) -> dict[str, Any]:
+    """`grin-peft unlearn` with no tuning flag (but the seed); the summary it wrote (or what it printed)."""
     output = folder / f"delta-{time.time_ns()}"
     argv = ["unlearn", "--model", str(folder / "model"), "--forget", str(folder / "forget.jsonl")]
-    argv += ["--retain", str(folder / "retain.jsonl"), "--output", str(output)]
+    argv += ["--retain", str(folder / "retain.jsonl"), "--output", str(output), "--seed", str(seed)]
     stdout, stderr = io.StringIO(), io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -180,9 +181,9 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}`", ""]
     if report.get("cli"):
         lines += [
-            "| model | exit | target met | forget prob | retain prob | held-out retain prob | lr | retain weight | "
+            "| model | seed | exit | target met | forget prob | retain prob | held-out retain prob | lr | retain weight | "
             "densities tried | s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in report["cli"]:
             b, a = row.get("before") or {}, row.get("after") or {}
@@ -192,7 +193,8 @@ def render(report: dict[str, Any]) -> str:
 
             tried = ", ".join(f"{t['density']:g}" for t in row.get("density_attempts") or []) or "-"
             lines.append(
-                f"| {row['model']} | {row['exit_code']} | {row.get('target_met')} | {pair('forget_prob')} | "
+                f"| {row['model']} | {row.get('seed', 0)} | {row['exit_code']} | {row.get('target_met')} | "
+                f"{pair('forget_prob')} | "
                 f"{pair('retain_prob')} | {pair('heldout_retain_prob')} | {row.get('learning_rate', '-')} | "
                 f"{row.get('retain_weight', '-')} | {tried} | {row['seconds']:.0f} |"
             )
@@ -217,6 +219,7 @@ def render(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cli", action="store_true", help="grin-peft unlearn with no tuning flag on both models")
+    p.add_argument("--seeds", default="0", type=lambda t: [int(x) for x in t.split(",")], help="--cli seeds")
     p.add_argument("--methods", default="", help="comma list: full, lora, grin:<density>")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-epochs", type=float, default=20.0, help="the controller's budget (its default: 20)")
@@ -233,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     target, tokenizer, tofu_folder = tofu_target(work)
     if args.cli:
-        for label, folder in (("demo (10 forget / 90 retain)", demo_target(work)), ("TOFU target", tofu_folder)):
-            report["cli"].append({"model": label, **run_cli(folder)})
+        for seed in args.seeds:
+            for label, folder in (("demo (10 forget / 90 retain)", demo_target(work)), ("TOFU target", tofu_folder)):
+                report["cli"].append({"model": label, "seed": seed, **run_cli(folder, seed)})
     for name in filter(None, args.methods.split(",")):
         report["methods"].append(run_method(name.strip(), target, tokenizer, args.batch_size, args.max_epochs))
     out = Path(args.out)

@@ -339,16 +339,22 @@ class _Run:
     ) -> dict[str, Any]:
         """The automatic operating point; checkpoints of the best state are kept in memory, not on disk."""
 
+        accumulation = args.gradient_accumulation_steps
+        if "gradient_accumulation_steps" not in kw and point.effective_batch is not None:
+            wanted = min(point.effective_batch, len(self.forget))
+            accumulation = max(1, wanted // (args.per_device_train_batch_size * max(1, args.world_size)))
+
         def segment_trainer(lr: float, max_steps: int, segment: int, retain_weight: float | None) -> UnlearningTrainer:
             settings = {**kw, "learning_rate": lr, "max_steps": max_steps, "save_strategy": "no"}
+            settings["gradient_accumulation_steps"] = accumulation
             settings["seed"] = kw.get("seed", 42) + segment
             if retain_weight is not None:
                 settings["retain_weight"] = retain_weight
             return self.trainer(_segment_args(args, settings), refusals, callbacks, quiet=True)
 
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        batch = args.per_device_train_batch_size * accumulation
         retain_weight = getattr(args.build_objective(), "retain_weight", 0.0)
-        return search(
+        record = search(
             self.peft_model,
             segment_trainer,
             point,
@@ -360,6 +366,8 @@ class _Run:
             retain_weight=retain_weight if retain_weight > 0 else None,
             log=log,
         )
+        record["gradient_accumulation_steps"] = accumulation
+        return record
 
 
 def _density_schedule(model: nn.Module, config: GrinConfig | None, point: OperatingPoint | None) -> list[float | None]:

@@ -172,6 +172,7 @@ def test_unlearn_by_default_stops_at_the_target_and_reports_it(memorised):
     assert record["floor_heldout_retain_prob"] == pytest.approx(0.85 * result.before["heldout_retain_prob"])
     assert result.before["forget_prob"] > 0.9
     assert record["steps_run"] < record["budget_steps"]  # it stopped, not the budget
+    assert record["gradient_accumulation_steps"] == 2  # effective batch min(32, 10 forget items) // 4 per device
     chosen = [p for p in record["probes"] if p["chosen"]]
     assert len(chosen) == 1 and record["segments"][0]["lr"] == chosen[0]["lr"]
     kept = [e for e in record["evaluations"] if e["step"] == record["steps"] and e["lr"] == record["learning_rate"]]
