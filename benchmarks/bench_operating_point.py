@@ -181,8 +181,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}`", ""]
     if report.get("cli"):
         lines += [
-            "| model | seed | exit | target met | forget prob | retain prob | held-out retain prob | lr | retain weight | "
-            "densities tried | s |",
+            "| model | seed | exit | target met | forget prob | retain prob | held-out retain prob | lr | "
+            "retain weight | densities tried | s |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in report["cli"]:
