@@ -166,6 +166,15 @@ def unlearn(
             "the automatic operating point needs retain data (part of it is held out to check what is kept); pass "
             "retain=, or fix the schedule with learning_rate= and num_train_epochs=."
         )
+    relocalizing = config is not None and getattr(config, "relocalize_every", None) is not None
+    if isinstance(model, PeftModel):
+        relocalizing = getattr(model.peft_config.get(model.active_adapter), "relocalize_every", None) is not None
+    if point is not None and relocalizing:
+        raise GrinError(
+            "relocalize_every grows the delta during training, which the automatic operating point cannot roll back "
+            "(its saved states have the old size): fix the schedule (learning_rate=, num_train_epochs=) or drop "
+            "relocalize_every."
+        )
     log = print if verbose else (lambda message: None)
     training_args, scratch = _training_args(training_args, objective, output_dir, kw)
     try:

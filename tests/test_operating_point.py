@@ -245,6 +245,9 @@ def test_fixed_schedule_switches_the_controller_off_and_conflicts_are_refused(me
         learning_rate=1e-2, num_train_epochs=1, **TRAIN,
     )  # fmt: skip
     assert set(without_retain.before) == set(without_retain.after) == {"forget_prob"}
+    with pytest.raises(GrinError, match="cannot roll back"):
+        unlearn(copy.deepcopy(memorised.model), ds.forget, ds.retain, tokenizer=tok,
+                config=GrinConfig(density=0.01, relocalize_every=2), **TRAIN)  # fmt: skip
     with pytest.raises(GrinError, match="needs retain data"):
         unlearn(copy.deepcopy(memorised.model), ds.forget, None, tokenizer=tok, objective="grad_ascent", **TRAIN)
 
