@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except GrinError as exc:
-        print(f"grin-peft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"grin-peft {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as exc:
         print(
@@ -389,6 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"grin-peft {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bad input no check above named: still one line, never a traceback
+        first = str(exc).splitlines()[0] if str(exc).strip() else ""
+        print(f"grin-peft {args.command}: error: {type(exc).__name__}: {first}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
