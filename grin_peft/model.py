@@ -152,6 +152,8 @@ class GrinModel(BaseTuner):
         always reads the delta file once, verifies its checksum and consistency and checks it against this base; a
         delta without a fingerprint is a load too, and needs the loader's explicit opt-in.
         """
+        self._grin_prechecked = getattr(self, "_grin_prechecked", set())
+        self._grin_prechecked.add(adapter_name)
         arch = architecture(model)
         self._grin_loading = getattr(self, "_grin_loading", set())
         scope = loading.claim_scope(adapter_name)
@@ -209,6 +211,16 @@ class GrinModel(BaseTuner):
             )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """PEFT's injection; PEFT calls `_pre_injection_hook` only for the first adapter, so an adapter added later
+        (`add_adapter`, `load_adapter`) gets the same checks here, before anything is wrapped."""
+        prechecked = getattr(self, "_grin_prechecked", set())
+        if adapter_name in prechecked:
+            prechecked.discard(adapter_name)
+        else:
+            try:
+                self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+            finally:
+                self._grin_prechecked.discard(adapter_name)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except ValueError as exc:

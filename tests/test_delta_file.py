@@ -550,3 +550,20 @@ def test_float8_values_are_grin_errors(delta):
         GrinConfig(eps_quantile="x")
     with pytest.raises(GrinError, match="target_modules"):
         GrinConfig(target_modules=5)
+
+
+def test_load_adapter_onto_a_loaded_model_gets_the_same_checks(delta, tmp_path):
+    model = PeftModel.from_pretrained(build("llama"), delta)
+    save_delta(tmp_path / "other", 0.01, build("llama", seed=5))
+    before, types = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(GrinError, match="fingerprint mismatch"):
+        model.load_adapter(tmp_path / "other", "other")
+    sign(delta, lambda t: t.update({"base_model.model.lm_head.weight": torch.full((97, 32), 7.0)}))
+    with pytest.raises(GrinError, match="lm_head.weight: the delta file holds a tensor"):
+        model.load_adapter(delta, "again")
+    assert sorted(model.peft_config) == ["default"] and [type(m) for m in model.modules()] == types
+    assert state(model).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):
+        model.load_adapter(tmp_path / "other", "other", grin_fingerprint_check="warn")
+    assert sorted(model.peft_config) == ["default", "other"]
