@@ -203,3 +203,24 @@ def test_a_crafted_delta_is_one_line_and_a_non_zero_exit(workspace, crafted, cap
     assert err.startswith(f"grin-peft {command}: error: ") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_checks_its_output_and_the_delta_type_before_loading_anything(workspace, crafted, capsys, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    import grin_peft.cli as cli
+
+    def no_loading(name):
+        raise AssertionError("the model was loaded before the cheap checks")
+
+    monkeypatch.setattr(cli, "_load_model", no_loading)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", crafted["extra"], "--output",
+                       tmp_path / "out")  # fmt: skip
+    assert code == 1 and "already exists and is not empty" in err
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", lora, "--output", tmp_path / "new")
+    assert code == 1 and "not a GRIN delta (peft_type='LORA')" in err
+    assert not (tmp_path / "new").exists()
