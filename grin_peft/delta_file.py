@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -193,6 +194,13 @@ def read_tensors(filename: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise GrinError(f"{filename}: not a readable safetensors file (truncated or corrupt): {exc}") from exc
     expected = metadata.get(CHECKSUM_KEY)
+    if expected is None and any(key.endswith(SUFFIXES) for key in tensors):
+        warnings.warn(
+            f"{filename}: a GRIN delta without a {CHECKSUM_KEY} checksum (not written by grin_peft's save); "
+            "corruption that still parses cannot be detected.",
+            UserWarning,
+            stacklevel=2,
+        )
     if expected is not None and checksum(tensors) != expected:
         raise GrinError(f"{filename}: checksum mismatch, the file is corrupt.")
     return tensors

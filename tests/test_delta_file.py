@@ -567,3 +567,9 @@ def test_load_adapter_onto_a_loaded_model_gets_the_same_checks(delta, tmp_path):
     with pytest.warns(UserWarning, match="fingerprint mismatch"):
         model.load_adapter(tmp_path / "other", "other", grin_fingerprint_check="warn")
     assert sorted(model.peft_config) == ["default", "other"]
+
+
+def test_a_delta_without_its_checksum_loads_with_a_warning(delta):
+    rewrite(delta, lambda t: None)  # same tensors, metadata dropped
+    with pytest.warns(UserWarning, match="without a grin_sha256 checksum"):
+        PeftModel.from_pretrained(build("llama"), delta)
