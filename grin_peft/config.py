@@ -432,11 +432,20 @@ class GrinConfig(PeftConfig):
         return config
 
 
+def _sre():
+    """The regex parser and its constants (`re._parser` from Python 3.11, `sre_parse` before)."""
+    try:
+        from re import _constants, _parser
+    except ImportError:  # Python 3.10
+        import sre_constants as _constants
+        import sre_parse as _parser
+    return _parser, _constants
+
+
 def _count_repeats(parsed, nested: bool = False) -> int:
     """Unbounded repeats in a parsed regex; raises GrinError on a repeat inside a repeat (catastrophic
     backtracking)."""
-    from re import _constants as constants
-
+    constants = _sre()[1]
     count = 0
     for op, arg in parsed:
         if op in (constants.MAX_REPEAT, constants.MIN_REPEAT, getattr(constants, "POSSESSIVE_REPEAT", None)):
@@ -448,6 +457,8 @@ def _count_repeats(parsed, nested: bool = False) -> int:
         elif op == constants.SUBPATTERN:
             count += _count_repeats(arg[-1], nested)
         elif op == constants.BRANCH:
+            if nested:
+                raise GrinError("a repeated group contains alternatives")
             count += sum(_count_repeats(branch, nested) for branch in arg[1])
         elif op in (constants.ASSERT, constants.ASSERT_NOT):
             count += _count_repeats(arg[1], nested)
@@ -457,14 +468,13 @@ def _count_repeats(parsed, nested: bool = False) -> int:
 def check_module_pattern(field_name: str, pattern: str) -> None:
     """Refuse a module-name regex that could hang matching: too long, a repeat nested in a repeat, or too many
     unbounded repeats. Configs come from downloaded files, and PEFT runs these patterns against every module name."""
-    from re import _parser
-
+    parser = _sre()[0]
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise GrinError(
             f"GrinConfig.{field_name}: a pattern of {len(pattern)} characters (at most {MAX_PATTERN_LENGTH})."
         )
     try:
-        parsed = _parser.parse(pattern)
+        parsed = parser.parse(pattern)
         repeats = _count_repeats(parsed)
     except GrinError as exc:
         raise GrinError(
