@@ -573,3 +573,12 @@ def test_a_delta_without_its_checksum_loads_with_a_warning(delta):
     rewrite(delta, lambda t: None)  # same tensors, metadata dropped
     with pytest.warns(UserWarning, match="without a grin_sha256 checksum"):
         PeftModel.from_pretrained(build("llama"), delta)
+
+
+def test_revert_refuses_a_delta_with_an_extra_tensor_before_writing(delta):
+    merged = PeftModel.from_pretrained(build("llama"), delta).merge_and_unload()
+    before = state(merged)
+    sign(delta, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(97, 32)}))
+    with pytest.raises(GrinError, match="lm_head.weight: the delta file holds a tensor"):
+        grin_peft.revert(merged, str(delta))
+    assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
