@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,6 @@ class LoadScope:
     tuner: Any = None  # the GrinModel that injected the adapter, to unwrap on failure
     grin: bool = False
     claimed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _SCOPE: ContextVar[LoadScope | None] = ContextVar("grin_load_scope", default=None)
@@ -106,14 +105,13 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _precheck_config(model_id: Any, kwargs: dict[str, Any]) -> None:
     """Refuse a config whose peft_type is a misspelt GRIN or absent with a GrinError, before PEFT's KeyError."""
-    from .delta_file import read_config_dict
+    from .delta_file import read_config_dict, resolve_file
 
     try:
-        raw = read_config_dict(str(model_id), kwargs.get("subfolder"), **_hub_kwargs(kwargs))
+        resolve_file(str(model_id), "adapter_config.json", kwargs.get("subfolder"), **_hub_kwargs(kwargs))
     except GrinError:
-        return  # PEFT reports a missing or unreadable config in its own words
-    if not isinstance(raw, dict):
-        raise GrinError(f"{model_id}: adapter_config.json must hold a JSON object.")
+        return  # PEFT reports a missing config in its own words
+    raw = read_config_dict(str(model_id), kwargs.get("subfolder"), **_hub_kwargs(kwargs))  # a JSON object
     peft_type = raw.get("peft_type")
     if peft_type is None:
         raise GrinError(f"{model_id}: adapter_config.json has no peft_type field (a GRIN delta has 'GRIN').")

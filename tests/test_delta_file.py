@@ -530,6 +530,7 @@ def test_the_delta_is_read_once_and_what_was_verified_is_what_loads(delta, monke
     [
         (lambda c: c.update(peft_type="grin"), "peft_type='grin'"),
         (lambda c: c.pop("peft_type"), "no peft_type"),
+        (lambda c: c.clear(), "no peft_type"),
         (lambda c: c.update(eps_quantile="x"), "eps_quantile='x'"),
         (lambda c: c.update(target_modules=5), "target_modules=5"),
         (lambda c: c.update(layers_to_transform="0"), "layers_to_transform='0'"),
@@ -538,6 +539,11 @@ def test_the_delta_is_read_once_and_what_was_verified_is_what_loads(delta, monke
 def test_bad_config_fields_are_grin_errors_naming_the_field(delta, change, match):
     edit_config(delta, change)
     load_expecting(delta, match)
+
+
+def test_a_config_that_is_not_a_json_object_is_a_grin_error(delta):
+    (delta / "adapter_config.json").write_text("[1, 2]")
+    load_expecting(delta, "must be a JSON object, got list")
 
 
 def test_float8_values_are_grin_errors(delta):
