@@ -11,6 +11,7 @@ from typing import Any
 from .config import GrinConfig
 from .errors import GrinError
 from .layer import GrinLayer
+from .loading import fingerprint_check
 from .model import GrinModel
 from .quantized import merge_dequantized, merge_quantized
 from .registration import GRIN_PEFT_TYPE, register
@@ -33,6 +34,7 @@ __all__ = [
     "GrinError",
     "GrinLayer",
     "GrinModel",
+    "fingerprint_check",
     "merge_dequantized",
     "merge_quantized",
     "revert",

@@ -38,12 +38,27 @@ def _fail(message: str) -> GrinError:
     return GrinError(message)
 
 
+def _check_output(path: str) -> None:
+    """Refuse an --output that exists and is not an empty directory, before any model is loaded or trained."""
+    target = Path(path)
+    if target.exists() and (target.is_file() or any(target.iterdir())):
+        raise _fail(f"output {target} already exists and is not empty; choose another --output.")
+
+
+def _check_grin_delta(delta: str) -> None:
+    """Refuse a delta that is not GRIN (peft_type), before the base model is loaded."""
+    from .delta_file import read_config_dict
+
+    peft_type = read_config_dict(delta).get("peft_type")
+    if peft_type != "GRIN":
+        raise _fail(f"{delta} is not a GRIN delta (peft_type={peft_type!r}); grin-peft only applies GRIN deltas.")
+
+
 @contextlib.contextmanager
 def _atomic_output(path: str) -> Iterator[Path]:
     """A temporary directory beside `path` that becomes `path` only if the block succeeds."""
     target = Path(path)
-    if target.exists() and (target.is_file() or any(target.iterdir())):
-        raise _fail(f"output {target} already exists and is not empty; choose another --output.")
+    _check_output(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -99,6 +114,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from .config import GrinConfig
     from .pipeline import unlearn
 
+    _check_output(args.output)
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
     refusals = (
@@ -207,6 +223,8 @@ def _before_after(result) -> str:
 def cmd_merge(args: argparse.Namespace) -> int:
     from peft import PeftModel
 
+    _check_output(args.output)
+    _check_grin_delta(args.delta)
     model, tokenizer = _load_model(args.model)
     peft_model = PeftModel.from_pretrained(model, args.delta)
     with _atomic_output(args.output) as work:
@@ -223,6 +241,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_revert(args: argparse.Namespace) -> int:
     from .revert import revert
 
+    _check_output(args.output)
     model, tokenizer = _load_model(args.model)
     revert(model, args.delta, force=args.force)
     with _atomic_output(args.output) as work:
@@ -236,6 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate_qa
 
     items = _read_items(args.data, "data")
+    if args.delta:
+        _check_grin_delta(args.delta)
     model, tokenizer = _load_model(args.model)
     if args.delta:
         from peft import PeftModel
@@ -378,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except GrinError as exc:
-        print(f"grin-peft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"grin-peft {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR
     except (OSError, ValueError) as exc:
         print(
@@ -389,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"grin-peft {args.command}: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bad input no check above named: still one line, never a traceback
+        first = str(exc).splitlines()[0] if str(exc).strip() else ""
+        print(f"grin-peft {args.command}: error: {type(exc).__name__}: {first}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

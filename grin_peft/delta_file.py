@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import GrinError
-from .layer import index_dtype, validate_entries
+from .layer import VALUE_DTYPES, index_dtype, validate_entries
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -98,9 +99,10 @@ def decode_entries(name: str, delta: ModuleDelta, numel: int) -> torch.Tensor:
         indices = delta.indices
     validate_entries(name, indices, delta.values, numel)
     base = delta.base_values
-    if base.dim() != 1 or base.numel() != indices.numel() or not base.dtype.is_floating_point:
+    if base.dim() != 1 or base.numel() != indices.numel() or base.dtype not in VALUE_DTYPES:
         raise GrinError(
-            f"{name}: grin_base_values must be a 1-D float tensor with one value per entry, got "
+            f"{name}: grin_base_values must be a 1-D float16/bfloat16/float32/float64 tensor with one value per "
+            "entry, got "
             f"{base.dtype} {tuple(base.shape)}."
         )
     return indices
@@ -192,6 +194,13 @@ def read_tensors(filename: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise GrinError(f"{filename}: not a readable safetensors file (truncated or corrupt): {exc}") from exc
     expected = metadata.get(CHECKSUM_KEY)
+    if expected is None and any(key.endswith(SUFFIXES) for key in tensors):
+        warnings.warn(
+            f"{filename}: a GRIN delta without a {CHECKSUM_KEY} checksum (not written by grin_peft's save); "
+            "corruption that still parses cannot be detected.",
+            UserWarning,
+            stacklevel=2,
+        )
     if expected is not None and checksum(tensors) != expected:
         raise GrinError(f"{filename}: checksum mismatch, the file is corrupt.")
     return tensors
@@ -202,9 +211,12 @@ def read_config_dict(path_or_repo_id: str, subfolder: str | None = None, **hub_k
     filename = resolve_file(path_or_repo_id, "adapter_config.json", subfolder, **hub_kwargs)
     try:
         with open(filename) as handle:
-            return json.load(handle)
-    except (OSError, json.JSONDecodeError) as exc:
+            raw = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GrinError(f"{filename}: not a readable adapter config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise GrinError(f"{filename}: an adapter config must be a JSON object, got {type(raw).__name__}.")
+    return raw
 
 
 def group_modules(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, ModuleDelta], dict[str, torch.Tensor]]:

@@ -28,6 +28,10 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= INT32_MAX else torch.int64
 
 
+# dtypes a delta's values and base values may have (float8 types cannot even be checked for NaN)
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def validate_entries(module_name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
     """Refuse indices and values that would corrupt a weight, naming the module, before anything is written."""
     if indices.dim() != 1 or values.dim() != 1:
@@ -37,8 +41,10 @@ def validate_entries(module_name: str, indices: torch.Tensor, values: torch.Tens
         )
     if indices.dtype not in (torch.int32, torch.int64):
         raise GrinError(f"{module_name}: GRIN indices must be int32 or int64, got {indices.dtype}.")
-    if not values.dtype.is_floating_point:
-        raise GrinError(f"{module_name}: GRIN values must be floating point, got {values.dtype}.")
+    if values.dtype not in VALUE_DTYPES:
+        raise GrinError(
+            f"{module_name}: GRIN values must be float16, bfloat16, float32 or float64, got {values.dtype}."
+        )
     if indices.numel() != values.numel():
         raise GrinError(f"{module_name}: {indices.numel()} indices but {values.numel()} values.")
     if indices.numel() == 0:

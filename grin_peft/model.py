@@ -8,18 +8,17 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.quantization_utils import resolve_quantization_backend
 from torch import nn
 
+from . import loading
 from .bnb_layout import dequantize
 from .config import GrinConfig
 from .delta_file import (
     PEFT_PREFIX,
-    WEIGHTS_NAME,
     encode_entries,
     group_modules,
-    read_tensors,
-    resolve_file,
     validate_modules,
     with_indices,
 )
@@ -60,15 +59,68 @@ def _is_quantized(model: nn.Module, name: str) -> bool:
     return resolve_quantization_backend(module) is not None
 
 
-def apply_fingerprint_policy(config: GrinConfig, problem: str) -> None:
-    """Refuse, warn or ignore a base mismatch as the (loaded) config says."""
-    if config.fingerprint_check == "error":
+def apply_fingerprint_policy(level: str, problem: str, always_warn: bool = False) -> None:
+    """Refuse, warn about or ignore a base mismatch at the loader's chosen `level` (see `grin_peft.loading`); the
+    level never comes from the delta's own config, which an attacker controls."""
+    if level == "error":
         raise GrinError(
-            f"{problem} Refusing to apply the delta; if you are sure, load the config with "
-            "GrinConfig.from_pretrained, set fingerprint_check='warn' and pass it as config=."
+            f"{problem} Refusing to apply the delta; if you are sure, load it with "
+            "PeftModel.from_pretrained(..., grin_fingerprint_check='warn'), inside "
+            "`with grin_peft.fingerprint_check('warn'):`, or with GRIN_FINGERPRINT_CHECK=warn."
         )
-    if config.fingerprint_check == "warn":
-        warnings.warn(problem, stacklevel=3)
+    if level == "warn" or always_warn:
+        warnings.warn(problem, UserWarning, stacklevel=3)
+
+
+def _modules_to_save_tensors(model: nn.Module, config: GrinConfig) -> dict[str, torch.Tensor]:
+    """The tensors a delta must hold for the modules_to_save its config declares, by saved key, matched the way
+    PEFT wraps them (module name ends with a declared name)."""
+    names = config.modules_to_save or []
+    expected = {}
+    for name, module in model.named_modules():
+        if name and any(name.endswith(target) for target in names):
+            for key, tensor in module.state_dict().items():
+                expected[f"{PEFT_PREFIX}{name}.{key}"] = tensor
+    return expected
+
+
+def check_other_tensors(others: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The non-GRIN tensors of a delta must be exactly the declared modules_to_save copies, with their shapes and
+    finite floating values: anything else could overwrite a base weight when PEFT loads the state dict."""
+    extra = sorted(set(others) - set(expected))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise GrinError(
+            f"{extra[0]}{more}: the delta file holds a tensor that is neither a GRIN tensor of an adapted module nor "
+            "a modules_to_save copy its config declares; refusing a file that could overwrite base weights."
+        )
+    missing = sorted(set(expected) - set(others))
+    if missing:
+        raise GrinError(f"{missing[0]}: the delta file lacks this modules_to_save tensor its config declares.")
+    for key, tensor in others.items():
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise GrinError(f"{key}: shape {tuple(tensor.shape)} in the delta, {tuple(want.shape)} in the model.")
+        if want.dtype.is_floating_point and (not tensor.dtype.is_floating_point or tensor.dtype.itemsize < 2):
+            raise GrinError(f"{key}: dtype {tensor.dtype} in the delta for a {want.dtype} tensor.")
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor.float()).all()):
+            raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
+
+
+def _loaded_modules_to_save(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The load keys PEFT maps a delta's modules_to_save tensors to, with the tensors they will be copied into."""
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "adapter_state_dict_load_map"):
+            copy_of = getattr(module, "modules_to_save", {})
+            if adapter_name not in copy_of:
+                continue
+            targets = copy_of[adapter_name].state_dict()
+            for load_key in module.adapter_state_dict_load_map(adapter_name).values():
+                local = load_key.removeprefix(f"modules_to_save.{adapter_name}.")
+                if local in targets:
+                    expected[f"{name}.{load_key}"] = targets[local]
+    return expected
 
 
 class GrinModel(BaseTuner):
@@ -94,46 +146,81 @@ class GrinModel(BaseTuner):
         return peft_config
 
     def _pre_injection_hook(self, model: nn.Module, config: GrinConfig, adapter_name: str) -> None:
-        """Fingerprint a new base, or check a saved delta against this base before anything is wrapped."""
+        """Fingerprint a new base, or check a saved delta against this base before anything is wrapped.
+
+        A load (a `PeftModel.from_pretrained`/`load_adapter` call, or a config from `GrinConfig.from_pretrained`)
+        always reads the delta file once, verifies its checksum and consistency and checks it against this base; a
+        delta without a fingerprint is a load too, and needs the loader's explicit opt-in.
+        """
+        self._grin_prechecked = getattr(self, "_grin_prechecked", set())
+        self._grin_prechecked.add(adapter_name)
         arch = architecture(model)
-        current = fingerprint(model)
         self._grin_loading = getattr(self, "_grin_loading", set())
-        if config.base_model_fingerprint is None:
-            config.base_model_fingerprint = current
-            config.base_model_architecture = arch
+        scope = loading.claim_scope(adapter_name)
+        source = getattr(config, "_grin_source", None)
+        if scope is None and source is None:
+            if config.base_model_fingerprint is None:  # a new adapter
+                config.base_model_fingerprint = fingerprint(model)
+                config.base_model_architecture = arch
+                return
+            self._grin_loading.add(adapter_name)  # a loaded config reused without its file
+            self._check_base(model, config, arch, loading.resolve_level())
             return
         self._grin_loading.add(adapter_name)
-        if config.base_model_architecture and config.base_model_architecture != arch:
-            apply_fingerprint_policy(
-                config, f"The delta was made for a {config.base_model_architecture} model, this base is {arch}."
-            )
-        elif config.base_model_fingerprint != current:
-            apply_fingerprint_policy(
-                config, "The base model's weights differ from those the delta was made for (fingerprint mismatch)."
-            )
-        source = getattr(config, "_grin_source", None)
-        if source is not None:
+        if scope is None:
             path, subfolder, hub_kwargs = source
-            tensors = read_tensors(resolve_file(path, WEIGHTS_NAME, subfolder, **hub_kwargs))
-            self._check_delta(model, config, tensors, arch)
+            scope = loading.LoadScope(path, adapter_name, subfolder, hub_kwargs, None)
+        scope.grin, scope.tuner = True, self
+        level = loading.resolve_level()
+        tensors = loading.read_delta(scope)
+        self._check_base(model, config, arch, level)
+        self._check_delta(model, config, tensors, arch, level)
+        scope.tensors = tensors
 
     @staticmethod
-    def _check_delta(model: nn.Module, config: GrinConfig, tensors: dict[str, torch.Tensor], arch: str) -> None:
+    def _check_base(model: nn.Module, config: GrinConfig, arch: str, level: str) -> None:
+        if config.base_model_fingerprint is None:
+            apply_fingerprint_policy(
+                level,
+                "The delta records no base_model_fingerprint, so nothing says which base it was made for.",
+                always_warn=True,
+            )
+        elif config.base_model_architecture and config.base_model_architecture != arch:
+            apply_fingerprint_policy(
+                level, f"The delta was made for a {config.base_model_architecture} model, this base is {arch}."
+            )
+        elif config.base_model_fingerprint != fingerprint(model):
+            apply_fingerprint_policy(
+                level, "The base model's weights differ from those the delta was made for (fingerprint mismatch)."
+            )
+
+    @staticmethod
+    def _check_delta(
+        model: nn.Module, config: GrinConfig, tensors: dict[str, torch.Tensor], arch: str, level: str
+    ) -> None:
         modules, others = group_modules(tensors)
-        for key, tensor in others.items():
-            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-                raise GrinError(f"{key}: the delta file holds NaN or Inf values.")
+        check_other_tensors(others, _modules_to_save_tensors(model, config))
         _, differing = validate_modules(
             modules, lambda name: _base_weight_of(model, name), arch, lambda name: _is_quantized(model, name)
         )
         if differing:
             apply_fingerprint_policy(
-                config,
+                level,
                 f"The base weights differ at the delta's entries in {len(differing)} "
                 f"module(s), e.g. {differing[0]}: the delta was made for another base.",
             )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """PEFT's injection; PEFT calls `_pre_injection_hook` only for the first adapter, so an adapter added later
+        (`add_adapter`, `load_adapter`) gets the same checks here, before anything is wrapped."""
+        prechecked = getattr(self, "_grin_prechecked", set())
+        if adapter_name in prechecked:
+            prechecked.discard(adapter_name)
+        else:
+            try:
+                self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+            finally:
+                self._grin_prechecked.discard(adapter_name)
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except ValueError as exc:
@@ -369,7 +456,8 @@ class GrinModel(BaseTuner):
             if isinstance(module, GrinLayer) and adapter_name in module.grin_values
         }
         try:
-            modules, _ = group_modules(state_dict)
+            modules, others = group_modules(state_dict)
+            check_other_tensors(others, _loaded_modules_to_save(model, adapter_name))
             missing = sorted(set(layers) - set(modules))
             if missing:
                 raise GrinError(
@@ -386,7 +474,8 @@ class GrinModel(BaseTuner):
             merged = [n for n in differing if layers[n].merged_adapters]
             if len(merged) != len(differing):
                 apply_fingerprint_policy(
-                    config, "The base weights differ at the delta's entries: the delta was made for another base."
+                    loading.resolve_level(),
+                    "The base weights differ at the delta's entries: the delta was made for another base.",
                 )
         except GrinError:
             cls._discard_adapter(tuner, adapter_name)

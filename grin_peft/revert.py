@@ -7,7 +7,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .config import GrinConfig
-from .delta_file import WEIGHTS_NAME, decode_entries, group_modules, read_config_dict, read_tensors, resolve_file
+from .delta_file import (
+    PEFT_PREFIX,
+    WEIGHTS_NAME,
+    decode_entries,
+    group_modules,
+    read_config_dict,
+    read_tensors,
+    resolve_file,
+)
 from .errors import GrinError
 from .fingerprint import architecture, fingerprint
 
@@ -33,7 +41,15 @@ def revert(
         raise GrinError(f"{path_or_repo_id}: not a GRIN delta (peft_type={raw.get('peft_type')!r}).")
     config = GrinConfig.from_peft_type(**GrinConfig.check_kwargs(**raw))
     tensors = read_tensors(resolve_file(path_or_repo_id, WEIGHTS_NAME, subfolder, **hub_kwargs))
-    modules, _ = group_modules(tensors)
+    modules, others = group_modules(tensors)
+    declared = config.modules_to_save or []
+    for key in sorted(others):
+        path = key.removeprefix(PEFT_PREFIX).rpartition(".")[0]
+        if not key.startswith(PEFT_PREFIX) or not any(path.endswith(name) for name in declared):
+            raise GrinError(
+                f"{key}: the delta file holds a tensor that is neither a GRIN tensor nor a modules_to_save copy its "
+                "config declares; refusing it."
+            )
     arch = architecture(merged_model)
     if config.base_model_architecture and config.base_model_architecture != arch and not force:
         raise GrinError(f"the delta was made for a {config.base_model_architecture} model, this one is {arch}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -157,3 +158,69 @@ def test_unlearn_paper_preset_writes_the_papers_score(workspace, capsys, tmp_pat
         "absolute",
         1e-8,
     )
+
+
+@pytest.fixture(scope="module")
+def crafted(workspace):
+    """Deltas for the CLI model, each broken the way an attacker or a bad disk would break one."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from grin_peft import GrinConfig
+    from grin_peft.delta_file import atomic_save_file
+
+    good = workspace / "good-delta"
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    get_peft_model(base, GrinConfig(target_modules="all-linear", density=0.05, score="random")).save_pretrained(good)
+    out = {}
+    for name in ("extra", "float8", "listconfig", "pickle"):
+        path = workspace / f"delta-{name}"
+        shutil.copytree(good, path)
+        tensors = load_file(path / "adapter_model.safetensors")
+        if name == "extra":
+            tensors["base_model.model.lm_head.weight"] = torch.zeros(base.lm_head.weight.shape)
+        elif name == "float8":
+            key = next(k for k in sorted(tensors) if k.endswith("grin_values"))
+            tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+        elif name == "listconfig":
+            (path / "adapter_config.json").write_text("[]")
+        atomic_save_file(tensors, str(path / "adapter_model.safetensors"))
+        if name == "pickle":
+            torch.save(tensors, path / "adapter_model.bin")
+            (path / "adapter_model.safetensors").unlink()
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("command", ["merge", "revert", "eval"])
+@pytest.mark.parametrize("kind", ["extra", "float8", "listconfig", "pickle"])
+def test_a_crafted_delta_is_one_line_and_a_non_zero_exit(workspace, crafted, capsys, tmp_path, command, kind):
+    argv = [command, "--model", workspace / "model", "--delta", crafted[kind]]
+    argv += ["--data", workspace / "forget.jsonl", "--max-new-tokens", "2"] if command == "eval" else []
+    argv += ["--output", tmp_path / "out"] if command != "eval" else []
+    code, out, err = run(capsys, *argv)
+    assert code == 1, err
+    assert err.startswith(f"grin-peft {command}: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_checks_its_output_and_the_delta_type_before_loading_anything(workspace, crafted, capsys, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    import grin_peft.cli as cli
+
+    def no_loading(name):
+        raise AssertionError("the model was loaded before the cheap checks")
+
+    monkeypatch.setattr(cli, "_load_model", no_loading)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", crafted["extra"], "--output",
+                       tmp_path / "out")  # fmt: skip
+    assert code == 1 and "already exists and is not empty" in err
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", lora, "--output", tmp_path / "new")
+    assert code == 1 and "not a GRIN delta (peft_type='LORA')" in err
+    assert not (tmp_path / "new").exists()

@@ -165,10 +165,8 @@ def test_delta_for_another_architecture(delta):
 
 def test_base_with_different_weights_is_refused_unless_overridden(delta):
     load_expecting(delta, "fingerprint|differ", base=build("llama", seed=5))
-    config = GrinConfig.from_pretrained(delta)
-    config.fingerprint_check = "warn"
     with pytest.warns(UserWarning):
-        model = PeftModel.from_pretrained(build("llama", seed=5), delta, config=config)
+        model = PeftModel.from_pretrained(build("llama", seed=5), delta, grin_fingerprint_check="warn")
     assert sum(model.base_model.num_entries().values()) > 0
 
 
@@ -351,4 +349,242 @@ def test_revert_refuses_a_corrupt_mask_before_writing(mask_delta):
     rewrite(mask_delta, lambda t: t.update({first_mask(t): t[first_mask(t)][:-1].clone()}))
     with pytest.raises(GrinError, match="grin_mask must be 1-D"):
         grin_peft.revert(merged, str(mask_delta))
+    assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
+
+
+# ---------------------------------------------------------------- hardening: attacks on the loader (issue 11)
+def sign(path, change):
+    """Rewrite the delta as an attacker would: changed, with a valid checksum for the new content."""
+    from grin_peft.delta_file import atomic_save_file
+
+    tensors = load_file(path / WEIGHTS)
+    change(tensors)
+    atomic_save_file(tensors, str(path / WEIGHTS))
+
+
+def edit_config(path, change):
+    config = json.loads((path / "adapter_config.json").read_text())
+    change(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.weight",
+        "base_model.model.lm_head.weight",
+        "base_model.model.model.embed_tokens.weight",
+    ],
+)
+def test_an_extra_tensor_cannot_overwrite_a_base_weight(delta, key):
+    base = build("llama")
+    shape = base.get_submodule(
+        key.removeprefix("base_model.model.").removesuffix(".weight").replace(".base_layer", "")
+    ).weight.shape
+    sign(delta, lambda t: t.update({key: torch.full(shape, 7.0)}))
+    load_expecting(delta, "neither a GRIN tensor of an adapted module nor a modules_to_save copy", base)
+
+
+def test_fifty_thousand_junk_tensors_are_refused(delta):
+    sign(delta, lambda t: t.update({f"junk.{i}": torch.zeros(1) for i in range(50_000)}))
+    load_expecting(delta, r"junk\.\d+ \(and 49999 more\): the delta file holds a tensor")
+
+
+def test_declared_modules_to_save_still_load_and_undeclared_copies_do_not(tmp_path):
+    config = GrinConfig(target_modules="all-linear", density=0.01, score="random", modules_to_save=["lm_head"])
+    model = get_peft_model(build("llama"), config)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path)
+    inputs = example_input("llama")
+    torch.testing.assert_close(output(loaded, inputs), output(model, inputs), rtol=0, atol=0)
+    edit_config(tmp_path, lambda c: c.update(modules_to_save=None))
+    load_expecting(tmp_path, "base_model.model.lm_head.weight: the delta file holds a tensor")
+
+
+def test_a_missing_or_misshapen_modules_to_save_tensor_leaves_the_model_as_it_was(tmp_path):
+    config = GrinConfig(target_modules="all-linear", density=0.01, score="random", modules_to_save=["lm_head"])
+    get_peft_model(build("llama"), config).save_pretrained(tmp_path)
+    saved = load_file(tmp_path / WEIGHTS)
+    sign(tmp_path, lambda t: t.pop("base_model.model.lm_head.weight"))
+    load_expecting(tmp_path, "lacks this modules_to_save tensor")
+    sign(
+        tmp_path, lambda t: t.update({"base_model.model.lm_head.weight": saved["base_model.model.lm_head.weight"][:5]})
+    )
+    load_expecting(tmp_path, r"lm_head.weight: shape \(5, 32\) in the delta")
+
+
+def test_a_failure_after_wrapping_restores_the_callers_model(delta, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("peft.utils.save_and_load._find_mismatched_keys", broken)
+    base = build("llama")
+    types = [type(m) for m in base.modules()]
+    load_expecting(delta, "disk on fire", base)
+    assert [type(m) for m in base.modules()] == types and not hasattr(base, "peft_config")
+
+
+def test_without_a_fingerprint_the_delta_is_refused_unless_the_loader_opts_in(delta):
+    edit_config(delta, lambda c: (c.pop("base_model_fingerprint"), c.pop("base_model_architecture")))
+    load_expecting(delta, "records no base_model_fingerprint")
+    load_expecting(delta, "records no base_model_fingerprint", base=build("llama", seed=5))
+    with pytest.warns(UserWarning, match="no base_model_fingerprint"):
+        model = PeftModel.from_pretrained(build("llama"), delta, grin_fingerprint_check="off")
+    assert sum(model.base_model.num_entries().values()) > 0
+
+
+def test_without_a_fingerprint_the_checksum_is_still_verified(delta):
+    edit_config(delta, lambda c: c.pop("base_model_fingerprint"))
+
+    def corrupt(t):
+        t[first_key(t, "grin_values")][0] = 2.28e38
+
+    rewrite(delta, corrupt, keep_checksum=True)
+    with grin_peft.fingerprint_check("warn"):
+        load_expecting(delta, "checksum mismatch")
+
+
+def test_without_a_fingerprint_a_differing_base_is_never_silent(delta):
+    edit_config(delta, lambda c: c.pop("base_model_fingerprint"))
+    load_expecting(delta, "records no base_model_fingerprint", base=build("llama", seed=5))
+    with pytest.warns(UserWarning) as record:
+        PeftModel.from_pretrained(build("llama", seed=5), delta, grin_fingerprint_check="warn")
+    messages = " ".join(str(w.message) for w in record)
+    assert "no base_model_fingerprint" in messages and "base weights differ at the delta's entries" in messages
+
+
+def test_a_pickle_is_never_read(delta):
+    tensors = load_file(delta / WEIGHTS)
+    os.remove(delta / WEIGHTS)
+    torch.save(tensors, delta / "adapter_model.bin")
+    edit_config(delta, lambda c: c.pop("base_model_fingerprint"))
+    with grin_peft.fingerprint_check("off"):
+        load_expecting(delta, "no adapter_model.safetensors")
+
+
+def test_the_file_cannot_switch_the_base_check_off(delta):
+    edit_config(delta, lambda c: c.update(fingerprint_check="off"))
+    with pytest.warns(UserWarning, match="fingerprint_check='off'; ignored"):
+        load_expecting(delta, "fingerprint mismatch", base=build("llama", seed=5))
+
+
+def test_the_opt_in_is_never_written_into_a_resaved_delta(delta, tmp_path):
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):
+        model = PeftModel.from_pretrained(build("llama", seed=5), delta, grin_fingerprint_check="warn")
+    model.save_pretrained(tmp_path / "again")
+    assert "fingerprint_check" not in json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    load_expecting(tmp_path / "again", "fingerprint mismatch", base=build("llama", seed=7))
+    with pytest.raises(GrinError, match="no longer a config field"):
+        GrinConfig.from_pretrained(delta).fingerprint_check = "warn"
+
+
+def test_the_level_comes_from_the_caller_argument_context_or_environment(delta, monkeypatch):
+    load_expecting(delta, "fingerprint mismatch", base=build("llama", seed=5))
+    monkeypatch.setenv("GRIN_FINGERPRINT_CHECK", "warn")
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):
+        PeftModel.from_pretrained(build("llama", seed=5), delta)
+    with grin_peft.fingerprint_check("error"):
+        load_expecting(delta, "fingerprint mismatch", base=build("llama", seed=5))
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):  # the config= path of the README
+        PeftModel.from_pretrained(
+            build("llama", seed=5), delta, config=GrinConfig.from_pretrained(delta), grin_fingerprint_check="warn"
+        )
+    monkeypatch.setenv("GRIN_FINGERPRINT_CHECK", "maybe")
+    load_expecting(delta, "GRIN_FINGERPRINT_CHECK='maybe' is not one of", base=build("llama", seed=5))
+
+
+@pytest.mark.parametrize("pattern", ["(.*.*)*X", "(a+)+$", "(x|.*)*y", "(a|aa)+$", ".*.*.*.*.*X", "a" * 600])
+def test_a_pathological_target_modules_regex_is_refused_quickly(delta, pattern):
+    import time
+
+    edit_config(delta, lambda c: c.update(target_modules=pattern))
+    start = time.monotonic()
+    load_expecting(delta, "target_modules")
+    assert time.monotonic() - start < 30
+
+
+def test_ordinary_module_regexes_still_pass():
+    for pattern in (r".*\.(q_proj|v_proj)$", r"model\.layers\.\d+\.self_attn\..*", "lin0", r".*(attn|mlp).*"):
+        GrinConfig(target_modules=pattern)
+
+
+def test_the_delta_is_read_once_and_what_was_verified_is_what_loads(delta, monkeypatch):
+    original = load_file(delta / WEIGHTS)
+    real_check = grin_peft.model.GrinModel._check_delta
+
+    def check_then_swap(*args):  # the file changes between the check and the load
+        real_check(*args)
+        sign(delta, lambda t: [v.mul_(3) for k, v in t.items() if k.endswith("grin_values")])
+
+    monkeypatch.setattr(grin_peft.model.GrinModel, "_check_delta", staticmethod(check_then_swap))
+    loaded = PeftModel.from_pretrained(build("llama"), delta)
+    for name, layer in loaded.base_model.grin_layers().items():
+        assert torch.equal(layer.grin_values["default"], original[f"base_model.model.{name}.grin_values"]), name
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: c.update(peft_type="grin"), "peft_type='grin'"),
+        (lambda c: c.pop("peft_type"), "no peft_type"),
+        (lambda c: c.clear(), "no peft_type"),
+        (lambda c: c.update(eps_quantile="x"), "eps_quantile='x'"),
+        (lambda c: c.update(target_modules=5), "target_modules=5"),
+        (lambda c: c.update(layers_to_transform="0"), "layers_to_transform='0'"),
+    ],
+)
+def test_bad_config_fields_are_grin_errors_naming_the_field(delta, change, match):
+    edit_config(delta, change)
+    load_expecting(delta, match)
+
+
+def test_a_config_that_is_not_a_json_object_is_a_grin_error(delta):
+    (delta / "adapter_config.json").write_text("[1, 2]")
+    load_expecting(delta, "must be a JSON object, got list")
+
+
+def test_float8_values_are_grin_errors(delta):
+    sign(
+        delta,
+        lambda t: t.update({first_key(t, "grin_values"): t[first_key(t, "grin_values")].to(torch.float8_e4m3fn)}),
+    )
+    load_expecting(delta, "GRIN values must be float16, bfloat16, float32 or float64")
+    with pytest.raises(GrinError, match="eps_quantile"):
+        GrinConfig(eps_quantile="x")
+    with pytest.raises(GrinError, match="target_modules"):
+        GrinConfig(target_modules=5)
+
+
+def test_load_adapter_onto_a_loaded_model_gets_the_same_checks(delta, tmp_path):
+    model = PeftModel.from_pretrained(build("llama"), delta)
+    save_delta(tmp_path / "other", 0.01, build("llama", seed=5))
+    before, types = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(GrinError, match="fingerprint mismatch"):
+        model.load_adapter(tmp_path / "other", "other")
+    sign(delta, lambda t: t.update({"base_model.model.lm_head.weight": torch.full((97, 32), 7.0)}))
+    with pytest.raises(GrinError, match="lm_head.weight: the delta file holds a tensor"):
+        model.load_adapter(delta, "again")
+    assert sorted(model.peft_config) == ["default"] and [type(m) for m in model.modules()] == types
+    assert state(model).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="fingerprint mismatch"):
+        model.load_adapter(tmp_path / "other", "other", grin_fingerprint_check="warn")
+    assert sorted(model.peft_config) == ["default", "other"]
+
+
+def test_a_delta_without_its_checksum_loads_with_a_warning(delta):
+    rewrite(delta, lambda t: None)  # same tensors, metadata dropped
+    with pytest.warns(UserWarning, match="without a grin_sha256 checksum"):
+        PeftModel.from_pretrained(build("llama"), delta)
+
+
+def test_revert_refuses_a_delta_with_an_extra_tensor_before_writing(delta):
+    merged = PeftModel.from_pretrained(build("llama"), delta).merge_and_unload()
+    before = state(merged)
+    sign(delta, lambda t: t.update({"base_model.model.lm_head.weight": torch.zeros(97, 32)}))
+    with pytest.raises(GrinError, match="lm_head.weight: the delta file holds a tensor"):
+        grin_peft.revert(merged, str(delta))
     assert all(torch.equal(v, before[k]) for k, v in merged.state_dict().items())
