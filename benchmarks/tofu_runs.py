@@ -75,6 +75,14 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
+def summary_line(sm: dict[str, Any]) -> str:
+    """One progress line of a full evaluation's headline numbers."""
+    return (
+        f"FQ {_or_nan(sm.get('forget_quality')):.3g}  MU {_or_nan(sm.get('model_utility')):.3f}  forget prob "
+        f"{sm['forget_probability']:.3f}  retain prob {sm['retain_probability']:.3f}"
+    )
+
+
 def run_and_evaluate(method: Method, context: dict[str, Any], evaluator: Any, workdir: str) -> dict[str, Any]:
     """One table row: unlearn with ``method`` from a fresh target copy, evaluate, record costs."""
     model, cost = run_method(
@@ -104,12 +112,8 @@ def run_and_evaluate(method: Method, context: dict[str, Any], evaluator: Any, wo
     for key in ("localization", "train_metrics", "ssd_candidate_entries", "operating_point"):
         if key in cost:
             row[key] = cost[key]
-    sm = row["summary"]
-    log(
-        f"    FQ {_or_nan(sm.get('forget_quality')):.3g}  MU {_or_nan(sm.get('model_utility')):.3f}  forget prob "
-        f"{sm['forget_probability']:.3f}  retain prob {sm['retain_probability']:.3f}  "
-        f"({cost.get('wall_seconds', 0):.0f} s + eval {result['eval_seconds']:.0f} s)"
-    )
+    seconds = f"({cost.get('wall_seconds', 0):.0f} s + eval {result['eval_seconds']:.0f} s)"
+    log(f"    {summary_line(row['summary'])}  {seconds}")
     return row
 
 
@@ -242,10 +246,5 @@ def evaluate_checkpoint(job: dict[str, Any], context: dict[str, Any], evaluator:
     for key in ("family", "seed", "run", "point"):
         if key in job:
             row[key] = job[key]
-    sm = result["summary"]
-    log(
-        f"    {job['name']}: FQ {_or_nan(sm.get('forget_quality')):.3g}  MU {_or_nan(sm.get('model_utility')):.3f}  "
-        f"forget prob {sm['forget_probability']:.3f}  retain prob {sm['retain_probability']:.3f}  "
-        f"(eval {result['eval_seconds']:.0f} s)"
-    )
+    log(f"    {job['name']}: {summary_line(result['summary'])}  (eval {result['eval_seconds']:.0f} s)")
     return row
