@@ -1,9 +1,17 @@
 """A fingerprint of the base weights a delta was made for, so it is never silently applied to another model.
 
-Hashing every byte of a 7B model costs tens of seconds, so the fingerprint hashes each parameter's name, shape,
-dtype and a fixed, evenly spaced sample of up to `SAMPLES_PER_TENSOR` of its values. That tells apart different
-checkpoints, fine-tunes and dtypes with overwhelming probability; a delta also records the exact base values at
-its own entries, which `load` and `revert` compare bit for bit.
+Two modes, recorded in the fingerprint itself so a loader recomputes the same kind:
+
+* ``full:<sha256>`` (the default when the base holds at most `FULL_MAX_BYTES`): every byte of every parameter and
+  persistent buffer, streamed tensor by tensor (sha256 runs at ~2 GB/s on one CPU core: 1e9 bf16 entries took
+  ~1 s, BENCHMARKS.md). It detects any change to any base weight, down to one entry.
+* ``sampled:<sha256>`` (larger bases): names, shapes, dtypes and `SAMPLES_PER_TENSOR` evenly spaced values per
+  tensor. It tells apart different checkpoints, fine-tunes and dtypes, but misses sparse edits: on a 2M-parameter
+  model 96% of single-entry edits fall between the samples. A bare ``<sha256>`` (deltas from before the full
+  mode) is a sampled fingerprint.
+
+Either way a delta also records the exact base values at its own entries, which `load` and `revert` compare bit for
+bit; the fingerprint covers everything else.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ from torch import nn
 from .bnb_layout import canonical_4bit
 
 SAMPLES_PER_TENSOR = 4096
+FULL_MAX_BYTES = 32 * 2**30  # ~16 s of hashing at the measured 2 GB/s; above it the sampled mode is the default
+MODES = ("full", "sampled")
+CHUNK_BYTES = 1 << 26  # GPU tensors are copied to the CPU in pieces of this size
 
 
 def base_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -45,25 +56,79 @@ def sample_positions(numel: int) -> torch.Tensor:
     return torch.linspace(0, numel - 1, SAMPLES_PER_TENSOR).round().long()
 
 
-def fingerprint(model: nn.Module, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> str:
-    """sha256 over the sampled base weights; `overrides` (name -> sorted flat indices, values) substitutes entries,
-    which lets `revert` fingerprint the base that a merged model would become."""
+def default_mode(model: nn.Module) -> str:
+    """"full" unless the base is larger than `FULL_MAX_BYTES`, where hashing every byte would cost more than ~16 s."""
+    total = sum(t.numel() * t.element_size() for _, t in base_parameters(model))
+    return "full" if total <= FULL_MAX_BYTES else "sampled"
+
+
+def mode_of(recorded: str) -> str:
+    """The mode a recorded fingerprint was computed in (a bare digest is a sampled one, from before the full mode)."""
+    mode, sep, _ = recorded.partition(":")
+    return mode if sep and mode in MODES else "sampled"
+
+
+def _with_overrides(flat: torch.Tensor, override: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    if override is None or not override[0].numel():
+        return flat
+    idx, values = override
+    flat = flat.clone()
+    flat[idx.long().to(flat.device)] = values.to(device=flat.device, dtype=flat.dtype)
+    return flat
+
+
+def _update_full(digest, flat: torch.Tensor) -> None:
+    """Every byte of `flat`, streamed: CPU tensors without a copy, others in `CHUNK_BYTES` pieces."""
+    if not flat.numel():
+        return
+    step = max(1, CHUNK_BYTES // flat.element_size())
+    for piece in flat.split(step) if flat.device.type != "cpu" else (flat,):
+        digest.update(piece.cpu().contiguous().view(torch.uint8).numpy())
+
+
+def _update_sampled(digest, flat: torch.Tensor, override: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    positions = sample_positions(flat.numel())
+    sample = flat[positions.to(flat.device)].cpu().clone()
+    if override is not None and override[0].numel():
+        idx, values = override[0].long().cpu(), override[1]
+        where = torch.searchsorted(idx, positions).clamp(max=idx.numel() - 1)
+        hit = idx[where] == positions
+        sample[hit] = values.cpu().to(sample.dtype)[where[hit]]
+    digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+
+
+def fingerprint(
+    model: nn.Module,
+    overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mode: str | None = None,
+) -> str:
+    """The base's fingerprint in `mode` ("full", "sampled"; default: `default_mode`), as ``<mode>:<sha256>``.
+
+    `overrides` (name -> sorted flat indices, values) substitutes entries, which lets `revert` fingerprint the base
+    that a merged model would become.
+    """
+    mode = mode or default_mode(model)
+    if mode not in MODES:
+        raise ValueError(f"fingerprint mode {mode!r} is not one of {', '.join(MODES)}.")
     overrides = overrides or {}
     digest = hashlib.sha256()
     for name, tensor in sorted(base_parameters(model), key=lambda item: item[0]):
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
-        positions = sample_positions(flat.numel())
-        sample = flat[positions.to(flat.device)].cpu().clone()
-        if name in overrides:
-            idx, values = overrides[name]
-            idx = idx.long().cpu()
-            if idx.numel():
-                where = torch.searchsorted(idx, positions).clamp(max=idx.numel() - 1)
-                hit = idx[where] == positions
-                sample[hit] = values.cpu().to(sample.dtype)[where[hit]]
-        digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
-    return digest.hexdigest()
+        if mode == "full":
+            _update_full(digest, _with_overrides(flat, overrides.get(name)))
+        else:
+            _update_sampled(digest, flat, overrides.get(name))
+    return f"{mode}:{digest.hexdigest()}"
+
+
+def matches(
+    model: nn.Module, recorded: str, overrides: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> bool:
+    """Whether `model` (with `overrides`) has the recorded fingerprint, recomputed in the recorded mode."""
+    mode = mode_of(recorded)
+    computed = fingerprint(model, overrides, mode)
+    return computed == recorded or computed.partition(":")[2] == recorded  # a bare digest: the sampled mode
 
 
 def architecture(model: nn.Module) -> str:

@@ -23,7 +23,7 @@ from .delta_file import (
     with_indices,
 )
 from .errors import GrinError
-from .fingerprint import architecture, fingerprint
+from .fingerprint import architecture, fingerprint, matches
 from .layer import GrinLayer, Linear, validate_entries
 from .localize.select import per_module_budgets, resolve_budget, select_global, select_per_module
 from .noise import module_generator, noise_values
@@ -189,7 +189,7 @@ class GrinModel(BaseTuner):
             apply_fingerprint_policy(
                 level, f"The delta was made for a {config.base_model_architecture} model, this base is {arch}."
             )
-        elif config.base_model_fingerprint != fingerprint(model):
+        elif not matches(model, config.base_model_fingerprint):
             apply_fingerprint_policy(
                 level, "The base model's weights differ from those the delta was made for (fingerprint mismatch)."
             )

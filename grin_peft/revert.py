@@ -17,7 +17,7 @@ from .delta_file import (
     resolve_file,
 )
 from .errors import GrinError
-from .fingerprint import architecture, fingerprint
+from .fingerprint import architecture, matches
 
 
 def revert(
@@ -82,7 +82,7 @@ def revert(
         writes.append((weight, idx, base))
         overrides[f"{name}.weight"] = (idx, base)
     if config.base_model_fingerprint and not force:
-        if fingerprint(merged_model, overrides) != config.base_model_fingerprint:
+        if not matches(merged_model, config.base_model_fingerprint, overrides):
             raise GrinError(
                 "after revert the model would not match the base the delta was made for (fingerprint "
                 "mismatch). Pass force=True to revert anyway."
