@@ -19,15 +19,18 @@ import hashlib
 import json
 import math
 import os
+import re
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic_folder import apply_umask
 from .errors import GrinError
 from .layer import VALUE_DTYPES, index_dtype, validate_entries
 
@@ -143,6 +146,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
+        apply_umask(tmp)
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -158,6 +162,7 @@ def atomic_write_text(text: str, filename: str) -> None:
     directory = os.path.dirname(os.path.abspath(filename))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        apply_umask(tmp)
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -169,30 +174,84 @@ def atomic_write_text(text: str, filename: str) -> None:
         raise
 
 
-def resolve_file(path_or_repo_id: str, filename: str, subfolder: str | None = None, **hub_kwargs) -> str:
-    """A local path, or the file downloaded from the Hub (honours HF_ENDPOINT, revision, token)."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_local(path_or_repo_id: str) -> bool:
+    """Whether a name can only mean a local path: it is not a Hub id (`name` or `owner/name`), or it starts with a
+    folder that exists here (`runs/delta` when `runs/` exists). Such a name never triggers a Hub lookup."""
+    text = str(path_or_repo_id)
+    if not _HUB_ID.match(text) or ".." in text or "--" in text or text.endswith((".json", ".safetensors")):
+        return True
+    return "/" in text and os.path.isdir(text.split("/", 1)[0])
+
+
+def resolve_file(
+    path_or_repo_id: str, filename: str, subfolder: str | None = None, optional: bool = False, **hub_kwargs
+) -> str | None:
+    """A local path, or the file downloaded from the Hub (honours HF_ENDPOINT, HF_HUB_OFFLINE, revision, token).
+
+    A name that can only be a local path and does not exist fails at once ("no such file or directory"); only Hub
+    ids are looked up. With `optional`, a file the folder or repo does not have gives None.
+    """
     local_dir = os.path.join(path_or_repo_id, subfolder) if subfolder else path_or_repo_id
     local = os.path.join(local_dir, filename)
     if os.path.isfile(local):
         return local
     if os.path.isdir(local_dir):
+        if optional:
+            return None
         raise GrinError(f"{local_dir}: no {filename} in this directory.")
+    if os.path.exists(local_dir) or looks_local(path_or_repo_id):
+        what = "is a file, not a directory" if os.path.exists(local_dir) else "no such file or directory"
+        raise GrinError(f"{local_dir}: {what} (and not a Hub repo id).")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return hf_hub_download(path_or_repo_id, filename, subfolder=subfolder, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+        if optional:
+            return None
+        raise GrinError(
+            f"cannot fetch {filename} from '{path_or_repo_id}': not in the repo (or, offline, not cached)."
+        ) from exc
     except Exception as exc:  # the hub client raises many types; the user needs one message
         raise GrinError(f"cannot fetch {filename} from '{path_or_repo_id}': {exc}") from exc
 
 
-def read_tensors(filename: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, with its checksum verified; corrupt or truncated files give GrinError."""
+@dataclass
+class DeltaRead:
+    """One read of a delta file: its tensors, the sha256 of the bytes they were parsed from, and its metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    sha256: str
+    metadata: dict[str, str]
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (an 8-byte length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("__metadata__ is not an object")
+    return metadata
+
+
+def read_delta_file(filename: str) -> DeltaRead:
+    """Read a safetensors file once: hash those bytes, parse those bytes, verify the checksum on what was parsed.
+
+    Corrupt or truncated files give GrinError; the tensors are exactly the bytes the sha256 covers.
+    """
     try:
-        with safe_open(filename, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        with open(filename, "rb") as handle:
+            data = handle.read()
+        metadata = _metadata(data)
+        tensors = safetensors.torch.load(data)
     except Exception as exc:
         raise GrinError(f"{filename}: not a readable safetensors file (truncated or corrupt): {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    del data
     expected = metadata.get(CHECKSUM_KEY)
     if expected is None and any(key.endswith(SUFFIXES) for key in tensors):
         warnings.warn(
@@ -203,16 +262,34 @@ def read_tensors(filename: str) -> dict[str, torch.Tensor]:
         )
     if expected is not None and checksum(tensors) != expected:
         raise GrinError(f"{filename}: checksum mismatch, the file is corrupt.")
-    return tensors
+    return DeltaRead(tensors, digest, metadata)
+
+
+def read_tensors(filename: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read once, with its checksum verified (see `read_delta_file`)."""
+    return read_delta_file(filename).tensors
 
 
 def read_config_dict(path_or_repo_id: str, subfolder: str | None = None, **hub_kwargs) -> dict:
     """The raw adapter_config.json, with a clear error when it is missing or not JSON."""
+    return parse_config(*read_config_bytes(path_or_repo_id, subfolder, **hub_kwargs))
+
+
+def read_config_bytes(path_or_repo_id: str, subfolder: str | None = None, **hub_kwargs) -> tuple[str, bytes]:
+    """Where adapter_config.json was found and its bytes, read once (they are hashed for the manifest)."""
     filename = resolve_file(path_or_repo_id, "adapter_config.json", subfolder, **hub_kwargs)
     try:
-        with open(filename) as handle:
-            raw = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with open(filename, "rb") as handle:
+            return filename, handle.read()
+    except OSError as exc:
+        raise GrinError(f"{filename}: not a readable adapter config: {exc}") from exc
+
+
+def parse_config(filename: str, data: bytes) -> dict:
+    """A config's bytes as a JSON object, or a GrinError naming the file."""
+    try:
+        raw = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GrinError(f"{filename}: not a readable adapter config: {exc}") from exc
     if not isinstance(raw, dict):
         raise GrinError(f"{filename}: an adapter config must be a JSON object, got {type(raw).__name__}.")

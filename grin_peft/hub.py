@@ -1,16 +1,26 @@
-"""Sharing deltas: a model card that says what a GRIN delta is, and crash-safe saving for `save_pretrained`."""
+"""Sharing deltas: a model card that is all signal, folder-atomic saves with a manifest, and pushes that keep both.
+
+`install()` hooks PEFT's save path for GRIN models: `save_pretrained` writes the delta into a temporary folder beside
+the target, adds the manifest (`grin.sha256`) and GRIN's model card, and swaps the folder in as one unit
+(:mod:`grin_peft.atomic_folder`); the delta digest is then `peft_model.grin_delta_sha256`.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+from pathlib import Path
 
-from huggingface_hub import ModelCard
+import yaml
 
+from .atomic_folder import save_folder
 from .config import GrinConfig
+from .delta_file import looks_local
+from .integrity import MANIFEST_NAME, write_manifest
 
-CARD_HEADING = "## GRIN unlearning delta"
 CARD_TAGS = ("grin", "unlearning", "peft", "sparse-delta")
+CARD_NAME = "README.md"
 
 
 def describe_adapter(peft_model, adapter_name: str) -> dict:
@@ -33,49 +43,85 @@ def describe_adapter(peft_model, adapter_name: str) -> dict:
     }
 
 
-def update_model_card(peft_model, output_dir: str) -> None:
-    """Add GRIN's metadata and a short section to the README that PEFT just wrote."""
-    grin_adapters = [name for name, cfg in peft_model.peft_config.items() if isinstance(cfg, GrinConfig)]
-    if not grin_adapters:
-        return
-    filename = os.path.join(output_dir, "README.md")
-    card = ModelCard.load(filename)
-    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(CARD_TAGS))
-    card.data["library_name"] = "peft"
-    base = peft_model.peft_config[grin_adapters[0]].base_model_name_or_path
-    if base and not card.data.get("base_model"):
-        card.data["base_model"] = base
-    if not card.data.get("base_model"):  # a model built from a config has no Hub id to point at
-        card.data.pop("base_model", None)
-        card.data["tags"] = [t for t in card.data["tags"] if t != "base_model:adapter:"]
-    facts = describe_adapter(
-        peft_model, peft_model.active_adapter if peft_model.active_adapter in grin_adapters else grin_adapters[0]
+def hub_base_id(config: GrinConfig) -> str | None:
+    """The base model's Hub id, when the config names one (a local path is not one, and never goes in a card)."""
+    base = config.base_model_name_or_path
+    if not base or looks_local(base) or os.path.exists(base):
+        return None
+    return base
+
+
+def model_card(peft_model, adapter_name: str, digest: str | None, location: str) -> str:
+    """GRIN's model card: what was forgotten, how, measured before/after, how to load pinned and how to revert."""
+    config: GrinConfig = peft_model.peft_config[adapter_name]
+    facts = describe_adapter(peft_model, adapter_name)
+    base = hub_base_id(config)
+    metadata = {"library_name": "peft", "tags": list(CARD_TAGS), "grin": {k: v for k, v in facts.items() if v}}
+    if base:
+        metadata["base_model"] = base
+        metadata["tags"].append(f"base_model:adapter:{base}")
+    if digest:
+        metadata["grin"]["delta_sha256"] = digest
+    pin = f', expected_sha256="{digest}"' if digest else ""
+    forgotten = facts["forget_description"] or (
+        "Not described by its author (set `forget_description` in `GrinConfig`, or `--forget-description`)."
     )
-    card.data["grin"] = {k: v for k, v in facts.items() if v is not None}
     lines = [
-        CARD_HEADING,
+        "---",
+        yaml.safe_dump(metadata, sort_keys=False).rstrip(),
+        "---",
         "",
-        "A sparse delta made with [grin_peft](https://github.com/) (GRIN: gradient-ratio localisation, noise "
-        "injection and training of the selected entries only).",
+        f"# GRIN unlearning delta{f' for {base}' if base else ''}",
         "",
-    ]
-    if facts["forget_description"]:
-        lines += [f"**What it makes the model forget:** {facts['forget_description']}", ""]
-    lines += [
+        "## What it makes the model forget",
+        "",
+        forgotten,
+        "",
+        "## How",
+        "",
+        "GRIN ([grin_peft](https://pypi.org/project/grin-peft/)): entries scored by gradient ratio (how much they "
+        "matter for the data to forget versus the data to keep), a sparse delta on the top-scored entries, noise "
+        "injected there, and only those entries trained with an unlearning objective.",
+        "",
         f"- trainable entries: {facts['trainable_entries']:,} of {facts['targeted_entries']:,} targeted "
         f"(density {facts['density']:.3g}) in {facts['modules']} modules",
         f"- selection: score `{facts['score']}`, scope `{facts['selection']}`; noise {facts['noise']}",
-        f"- base model fingerprint: `{facts['base_model_fingerprint']}`",
-        *_unlearning_lines(getattr(peft_model, "grin_unlearn_summary", None)),
         "",
-        "Load with `import grin_peft; PeftModel.from_pretrained(base, repo_id)`; deploy with `merge_and_unload()`; "
-        "undo a merge exactly with `grin_peft.revert(merged_model, repo_id)`.",
+        "## Measured",
+        "",
+        *(
+            _unlearning_lines(getattr(peft_model, "grin_unlearn_summary", None))
+            or ["No before/after measurement was saved with this delta (it was not made by `grin_peft.unlearn`)."]
+        ),
+        "",
+        "## Use, deploy, revert",
+        "",
+        "```python",
+        "import grin_peft  # registers GRIN with PEFT",
+        "from peft import PeftModel",
+        "",
+        f'model = PeftModel.from_pretrained(base, "{location}"{pin})',
+        "merged = model.merge_and_unload()  # deploy",
+        f'grin_peft.revert(merged, "{location}")  # exact, bit-for-bit undo of that merge',
+        "```",
+        "",
+        f"Command line: `grin-peft merge --model BASE --delta {location} --output merged/`, then "
+        f"`grin-peft revert --model merged/ --delta {location} --output restored/`.",
+        "",
+        "## Integrity",
+        "",
     ]
-    text = card.text
-    if CARD_HEADING in text:
-        text = text[: text.index(CARD_HEADING)].rstrip() + "\n"
-    card.text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
-    card.save(filename)
+    if digest:
+        lines += [
+            f"- delta sha256: `{digest}` (the sha256 of `{MANIFEST_NAME}`, which lists the sha256 of the config "
+            "and the weights). Pinning it at load detects tampering only if you got it from a channel you trust; "
+            "read from this card, it only detects corruption.",
+        ]
+    lines += [
+        f"- base model fingerprint: `{facts['base_model_fingerprint']}`; loading onto another base is refused.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _unlearning_lines(summary: dict | None) -> list[str]:
@@ -102,6 +148,37 @@ def _unlearning_lines(summary: dict | None) -> list[str]:
     ]
 
 
+def _grin_adapter(peft_model) -> str | None:
+    names = [name for name, cfg in peft_model.peft_config.items() if isinstance(cfg, GrinConfig)]
+    if not names:
+        return None
+    return peft_model.active_adapter if peft_model.active_adapter in names else names[0]
+
+
+def write_card(peft_model, folder: str | os.PathLike, digest: str | None = None, location: str | None = None) -> None:
+    """Write GRIN's model card into `folder` (replacing PEFT's template, which is mostly placeholders)."""
+    adapter = _grin_adapter(peft_model)
+    if adapter is not None:
+        text = model_card(peft_model, adapter, digest, location or str(folder))
+        Path(folder, CARD_NAME).write_text(text)
+
+
+def save_delta_folder(peft_model, original_save, save_directory, *args, **kwargs) -> None:
+    """PEFT's save_pretrained into a temporary folder, plus manifests and the card, swapped in as one unit."""
+
+    def write(work: Path) -> None:
+        original_save(peft_model, str(work), *args, **kwargs)
+        digest = None
+        for config_file in sorted(work.rglob("adapter_config.json")):
+            if (config_file.parent / "adapter_model.safetensors").is_file():
+                folder_digest = write_manifest(config_file.parent)
+                digest = folder_digest if config_file.parent == work else digest
+        peft_model.grin_delta_sha256 = digest
+        write_card(peft_model, work, digest, os.fspath(save_directory))
+
+    save_folder(save_directory, write)
+
+
 def push_delta_to_hub(
     peft_model,
     repo_id: str,
@@ -114,58 +191,72 @@ def push_delta_to_hub(
     tags: list[str] | None = None,
     **save_kwargs,
 ):
-    """Save the delta (with GRIN's model card) to a temporary folder and upload it as one commit.
+    """Save the delta (with manifest and GRIN's card) to a temporary folder and upload it as one commit; prints the
+    delta's sha256, which the card records too.
 
     transformers' push_to_hub would overwrite the README with its own generic card after saving; GRIN deltas keep
     theirs, because the card is how people find out what a delta forgets.
     """
     import tempfile
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, ModelCard
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as work_dir:
-        peft_model.save_pretrained(work_dir, **save_kwargs)
+        folder = os.path.join(work_dir, "delta")
+        peft_model.save_pretrained(folder, **save_kwargs)
+        write_card(peft_model, folder, peft_model.grin_delta_sha256, repo_id)
         if tags:
-            card = ModelCard.load(os.path.join(work_dir, "README.md"))
+            card = ModelCard.load(os.path.join(folder, CARD_NAME))
             card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
-            card.save(os.path.join(work_dir, "README.md"))
-        return api.upload_folder(
+            card.save(os.path.join(folder, CARD_NAME))
+        info = api.upload_folder(
             repo_id=repo_id,
-            folder_path=work_dir,
+            folder_path=folder,
             commit_message=commit_message or "Upload GRIN unlearning delta",
             revision=revision,
             create_pr=create_pr,
         )
+    print(f"pushed {repo_id}; delta sha256 {peft_model.grin_delta_sha256}", file=sys.stderr)
+    return info
 
 
 def install() -> None:
-    """Hook GRIN's card and atomic writes into PEFT's save path, once (idempotent)."""
+    """Hook GRIN's card, manifest and atomic writes into PEFT's save path, once (idempotent)."""
     import peft.peft_model as peft_model_module
 
     from .delta_file import atomic_save_file
 
     if getattr(peft_model_module, "_grin_installed", False):
         return
+    PeftModel = peft_model_module.PeftModel
     peft_model_module.safe_save_file = atomic_save_file
-    original = peft_model_module.PeftModel.create_or_update_model_card
+    original_card = PeftModel.create_or_update_model_card
+    original_save = PeftModel.save_pretrained
+    original_push = PeftModel.push_to_hub
 
-    @functools.wraps(original)
+    @functools.wraps(original_card)
     def create_or_update_model_card(self, output_dir: str):
-        original(self, output_dir)
-        update_model_card(self, output_dir)
+        if _grin_adapter(self) is None:
+            return original_card(self, output_dir)
+        write_card(self, output_dir)  # the save below rewrites it with the digest
 
-    peft_model_module.PeftModel.create_or_update_model_card = create_or_update_model_card
-    original_push = peft_model_module.PeftModel.push_to_hub
+    @functools.wraps(original_save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if _grin_adapter(self) is None or not kwargs.get("is_main_process", True):
+            return original_save(self, save_directory, *args, **kwargs)
+        return save_delta_folder(self, original_save, save_directory, *args, **kwargs)
 
     @functools.wraps(original_push)
     def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if args or not any(isinstance(cfg, GrinConfig) for cfg in self.peft_config.values()):
+        if args or _grin_adapter(self) is None:
             return original_push(self, repo_id, *args, **kwargs)
         for unsupported in ("use_temp_dir", "max_shard_size", "safe_serialization"):
             kwargs.pop(unsupported, None)
         return push_delta_to_hub(self, repo_id, **kwargs)
 
-    peft_model_module.PeftModel.push_to_hub = push_to_hub
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel.push_to_hub = push_to_hub
     peft_model_module._grin_installed = True

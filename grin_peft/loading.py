@@ -5,7 +5,9 @@
   :func:`fingerprint_check`, or the environment variable ``GRIN_FINGERPRINT_CHECK``, in that order; default
   ``"error"``.
 * The delta file is read once (safetensors only, never a pickle), its checksum verified, and that same read is what
-  PEFT loads.
+  PEFT loads. Its config and weights must be the pair its manifest (`grin.sha256`) lists, and, with
+  ``expected_sha256=`` (``from_pretrained``, ``load_adapter``), their digest must be the pinned one
+  (:mod:`grin_peft.integrity` says what each protects against).
 * A load that fails for any reason leaves the caller's model as it was: unwrapped, every weight untouched.
 
 `install()` wraps ``PeftModel.from_pretrained``, ``PeftModel.load_adapter`` and the ``load_peft_weights`` they call;
@@ -25,11 +27,14 @@ from typing import Any
 
 import torch
 
+from . import integrity
 from .errors import GrinError
 
 FINGERPRINT_ENV = "GRIN_FINGERPRINT_CHECK"
 FINGERPRINT_CHECKS = ("error", "warn", "off")
 LOAD_KEYWORD = "grin_fingerprint_check"
+PIN_KEYWORD = "expected_sha256"
+IGNORED_CONFIG_FIELDS = ("inference_mode", "revision")  # set by PEFT's loader from the call, not from the file
 HUB_KEYS = ("revision", "token", "cache_dir", "use_auth_token", "local_files_only", "force_download")
 
 _LEVEL: ContextVar[str | None] = ContextVar("grin_fingerprint_check", default=None)
@@ -44,6 +49,9 @@ class LoadScope:
     subfolder: str | None
     hub_kwargs: dict[str, Any]
     level: str | None
+    expected_sha256: str | None = None
+    config_read: tuple[str, bytes] | None = None  # adapter_config.json as read (and hashed) by the pre-check
+    digest: str | None = None  # the delta digest of what was loaded
     tensors: dict[str, torch.Tensor] | None = None  # read and verified once by the pre-injection check
     tuner: Any = None  # the GrinModel that injected the adapter, to unwrap on failure
     grin: bool = False
@@ -103,15 +111,13 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in HUB_KEYS if kwargs.get(k) is not None}
 
 
-def _precheck_config(model_id: Any, kwargs: dict[str, Any]) -> None:
-    """Refuse a config whose peft_type is a misspelt GRIN or absent with a GrinError, before PEFT's KeyError."""
-    from .delta_file import read_config_dict, resolve_file
+def _precheck_config(model_id: Any, kwargs: dict[str, Any]) -> tuple[str, bytes]:
+    """Read the config once (its bytes are hashed later) and refuse one whose peft_type is a misspelt GRIN or absent
+    with a GrinError, before PEFT's KeyError. A missing local folder fails here, before any Hub lookup."""
+    from .delta_file import parse_config, read_config_bytes
 
-    try:
-        resolve_file(str(model_id), "adapter_config.json", kwargs.get("subfolder"), **_hub_kwargs(kwargs))
-    except GrinError:
-        return  # PEFT reports a missing config in its own words
-    raw = read_config_dict(str(model_id), kwargs.get("subfolder"), **_hub_kwargs(kwargs))  # a JSON object
+    config_read = read_config_bytes(str(model_id), kwargs.get("subfolder"), **_hub_kwargs(kwargs))
+    raw = parse_config(*config_read)
     peft_type = raw.get("peft_type")
     if peft_type is None:
         raise GrinError(f"{model_id}: adapter_config.json has no peft_type field (a GRIN delta has 'GRIN').")
@@ -119,6 +125,7 @@ def _precheck_config(model_id: Any, kwargs: dict[str, Any]) -> None:
         raise GrinError(f"{model_id}: adapter_config.json has peft_type={peft_type!r}; a GRIN delta has 'GRIN'.")
     if not isinstance(peft_type, str):
         raise GrinError(f"{model_id}: adapter_config.json has peft_type={peft_type!r}, not a string.")
+    return config_read
 
 
 def _restore(scope: LoadScope, model: Any, had_peft_config: bool) -> None:
@@ -151,13 +158,60 @@ def _apply_key_mapping(tensors: dict[str, torch.Tensor], key_mapping: dict[str, 
     return out
 
 
-def read_delta(scope: LoadScope) -> dict[str, torch.Tensor]:
-    """The delta's tensors for this load: the verified read made before injection, or one made now."""
-    from .delta_file import WEIGHTS_NAME, read_tensors, resolve_file
+def read_delta(scope: LoadScope, config: Any = None) -> dict[str, torch.Tensor]:
+    """The delta's tensors for this load: the verified read made before injection, or one made now.
+
+    A read made now is checked as one unit with the config: the config PEFT parsed must be the bytes that were
+    hashed, both files must match the folder's manifest, and their digest the caller's pin.
+    """
+    from .delta_file import WEIGHTS_NAME, read_config_bytes, read_delta_file, resolve_file
 
     if scope.tensors is not None:
         return scope.tensors
-    return read_tensors(resolve_file(scope.model_id, WEIGHTS_NAME, scope.subfolder, **scope.hub_kwargs))
+    where = scope.model_id + (f"/{scope.subfolder}" if scope.subfolder else "")
+    read = read_delta_file(resolve_file(scope.model_id, WEIGHTS_NAME, scope.subfolder, **scope.hub_kwargs))
+    config_file, config_bytes = scope.config_read or read_config_bytes(
+        scope.model_id, scope.subfolder, **scope.hub_kwargs
+    )
+    if config is not None and scope.config_read is not None:  # PEFT parsed the file itself (no config= given)
+        _check_same_config(config, config_file, config_bytes, where)
+    config_sha = integrity.sha256_hex(config_bytes)
+    manifest = resolve_file(scope.model_id, integrity.MANIFEST_NAME, scope.subfolder, optional=True, **scope.hub_kwargs)
+    if manifest is not None:
+        with open(manifest, errors="replace") as handle:
+            entries = integrity.parse_manifest(handle.read(), where)
+        integrity.check_manifest(entries, config_sha, read.sha256, where)
+    scope.digest = integrity.delta_digest(config_sha, read.sha256)
+    if scope.expected_sha256 is not None:
+        integrity.check_pinned(scope.expected_sha256, scope.digest, where)
+    return read.tensors
+
+
+def _check_same_config(config: Any, filename: str, data: bytes, where: str) -> None:
+    """The config PEFT built must be the one in the bytes that were hashed (the file can change between reads)."""
+    import warnings
+
+    from .config import GrinConfig
+    from .delta_file import parse_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # retired fields were already warned about on PEFT's read
+        hashed = GrinConfig.from_peft_type(**GrinConfig.check_kwargs(**parse_config(filename, data))).to_dict()
+    loaded = config.to_dict()
+    differing = sorted(
+        key
+        for key in set(hashed) | set(loaded)
+        if key not in IGNORED_CONFIG_FIELDS and _plain(hashed.get(key)) != _plain(loaded.get(key))
+    )
+    if differing:
+        raise GrinError(
+            f"{where}: adapter_config.json changed while the delta was being loaded ({', '.join(differing)}); "
+            "load again."
+        )
+
+
+def _plain(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (set, frozenset)) else value
 
 
 def install() -> None:
@@ -176,11 +230,15 @@ def install() -> None:
         level = kwargs.pop(LOAD_KEYWORD, None)
         if level is not None:
             level = check_level(level, LOAD_KEYWORD)
+        pinned = kwargs.pop(PIN_KEYWORD, None)
+        if pinned is not None:
+            pinned = integrity.normalize_expected(pinned, PIN_KEYWORD)
         adapter_name = args[0] if args else kwargs.get("adapter_name", "default")
         config = args[2] if len(args) > 2 else kwargs.get("config")
-        if config is None:
-            _precheck_config(model_id, kwargs)
-        scope = LoadScope(str(model_id), adapter_name, kwargs.get("subfolder"), _hub_kwargs(kwargs), level)
+        config_read = _precheck_config(model_id, kwargs) if config is None else None
+        scope = LoadScope(
+            str(model_id), adapter_name, kwargs.get("subfolder"), _hub_kwargs(kwargs), level, pinned, config_read
+        )
         had_peft_config = hasattr(model, "peft_config")
         token = _SCOPE.set(scope)
         try:
@@ -197,15 +255,19 @@ def install() -> None:
     @functools.wraps(original_load_adapter)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         level = kwargs.pop(LOAD_KEYWORD, None)
+        pinned = kwargs.pop(PIN_KEYWORD, None)
         outer = _SCOPE.get()
         if outer is not None and outer.adapter_name == adapter_name and outer.model_id == str(model_id):
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)  # inside from_pretrained
         if level is not None:
             level = check_level(level, LOAD_KEYWORD)
+        if pinned is not None:
+            pinned = integrity.normalize_expected(pinned, PIN_KEYWORD)
         existed = adapter_name in self.peft_config
-        if not existed:
-            _precheck_config(model_id, kwargs)
-        scope = LoadScope(str(model_id), adapter_name, kwargs.get("subfolder"), _hub_kwargs(kwargs), level)
+        config_read = None if existed else _precheck_config(model_id, kwargs)
+        scope = LoadScope(
+            str(model_id), adapter_name, kwargs.get("subfolder"), _hub_kwargs(kwargs), level, pinned, config_read
+        )
         from .config import GrinConfig
 
         if existed and isinstance(self.peft_config[adapter_name], GrinConfig):

@@ -172,7 +172,7 @@ class GrinModel(BaseTuner):
             scope = loading.LoadScope(path, adapter_name, subfolder, hub_kwargs, None)
         scope.grin, scope.tuner = True, self
         level = loading.resolve_level()
-        tensors = loading.read_delta(scope)
+        tensors = loading.read_delta(scope, config)
         self._check_base(model, config, arch, level)
         self._check_delta(model, config, tensors, arch, level)
         scope.tensors = tensors

@@ -19,6 +19,7 @@ from torch import nn
 import grin_peft
 from grin_peft import GrinConfig, GrinError
 from grin_peft.delta_file import pack_mask
+from grin_peft.integrity import write_manifest
 
 # crafted files are written without a checksum; the loader warns about that, which these tests do not check
 pytestmark = pytest.mark.filterwarnings("ignore:.*without a grin_sha256 checksum:UserWarning")
@@ -62,12 +63,21 @@ class Odd(nn.Module):
         return self.lin(x)
 
 
+def reseal(path):
+    """Rewrite the manifest for the edited files, as anyone editing a delta can: the checks below it must hold."""
+    if (path / WEIGHTS).exists():
+        write_manifest(path)
+    else:
+        (path / "grin.sha256").unlink()
+
+
 def rewrite(path, change, keep_checksum=False):
     tensors = load_file(path / WEIGHTS)
     with safe_open(path / WEIGHTS, framework="pt") as handle:
         metadata = handle.metadata()
     change(tensors)
     save_file(tensors, path / WEIGHTS, metadata=metadata if keep_checksum else None)
+    reseal(path)
 
 
 def unpack(mask, numel):
@@ -157,6 +167,7 @@ def test_unknown_config_field(delta):
     config = json.loads((delta / "adapter_config.json").read_text())
     config["densty"] = 0.1
     (delta / "adapter_config.json").write_text(json.dumps(config))
+    reseal(delta)
     load_expecting(delta, "densty")
     with pytest.raises(GrinError, match="densty"):
         GrinConfig(densty=0.1)
@@ -363,12 +374,14 @@ def sign(path, change):
     tensors = load_file(path / WEIGHTS)
     change(tensors)
     atomic_save_file(tensors, str(path / WEIGHTS))
+    reseal(path)
 
 
 def edit_config(path, change):
     config = json.loads((path / "adapter_config.json").read_text())
     change(config)
     (path / "adapter_config.json").write_text(json.dumps(config))
+    reseal(path)
 
 
 @pytest.mark.parametrize(
@@ -546,6 +559,7 @@ def test_bad_config_fields_are_grin_errors_naming_the_field(delta, change, match
 
 def test_a_config_that_is_not_a_json_object_is_a_grin_error(delta):
     (delta / "adapter_config.json").write_text("[1, 2]")
+    reseal(delta)
     load_expecting(delta, "must be a JSON object, got list")
 
 
