@@ -146,8 +146,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
-        apply_umask(tmp)
         save_file(tensors, tmp, metadata=metadata)
+        apply_umask(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, filename)

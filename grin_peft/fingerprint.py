@@ -2,9 +2,9 @@
 
 Two modes, recorded in the fingerprint itself so a loader recomputes the same kind:
 
-* ``full:<sha256>`` (the default when the base holds at most `FULL_MAX_BYTES`): every byte of every parameter and
-  persistent buffer, streamed tensor by tensor (sha256 runs at ~2 GB/s on one CPU core: 1e9 bf16 entries took
-  ~1 s, BENCHMARKS.md). It detects any change to any base weight, down to one entry.
+* ``full:<sha256>`` (the default when the base holds at most `FULL_MAX_BYTES`, 16 GiB): every byte of every
+  parameter and persistent buffer, streamed tensor by tensor, no copy on the CPU (1e9 bf16 entries, 2 GB: 3.4 s on
+  one shared CPU core, BENCHMARKS.md). It detects any change to any base weight, down to one entry.
 * ``sampled:<sha256>`` (larger bases): names, shapes, dtypes and `SAMPLES_PER_TENSOR` evenly spaced values per
   tensor. It tells apart different checkpoints, fine-tunes and dtypes, but misses sparse edits: on a 2M-parameter
   model 96% of single-entry edits fall between the samples. A bare ``<sha256>`` (deltas from before the full
@@ -27,7 +27,7 @@ from torch import nn
 from .bnb_layout import canonical_4bit
 
 SAMPLES_PER_TENSOR = 4096
-FULL_MAX_BYTES = 32 * 2**30  # ~16 s of hashing at the measured 2 GB/s; above it the sampled mode is the default
+FULL_MAX_BYTES = 16 * 2**30  # 8B bf16 parameters: 8-27 s at the measured 0.6-2 GB/s; above it, sampled
 MODES = ("full", "sampled")
 CHUNK_BYTES = 1 << 26  # GPU tensors are copied to the CPU in pieces of this size
 
@@ -57,7 +57,7 @@ def sample_positions(numel: int) -> torch.Tensor:
 
 
 def default_mode(model: nn.Module) -> str:
-    """"full" unless the base is larger than `FULL_MAX_BYTES`, where hashing every byte would cost more than ~16 s."""
+    """"full" unless the base is larger than `FULL_MAX_BYTES`, where hashing every byte costs tens of seconds."""
     total = sum(t.numel() * t.element_size() for _, t in base_parameters(model))
     return "full" if total <= FULL_MAX_BYTES else "sampled"
 

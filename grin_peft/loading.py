@@ -175,16 +175,35 @@ def read_delta(scope: LoadScope, config: Any = None) -> dict[str, torch.Tensor]:
     )
     if config is not None and scope.config_read is not None:  # PEFT parsed the file itself (no config= given)
         _check_same_config(config, config_file, config_bytes, where)
+    scope.digest = check_delta_folder(
+        scope.model_id, scope.subfolder, scope.hub_kwargs, config_bytes, read.sha256, scope.expected_sha256
+    )
+    return read.tensors
+
+
+def check_delta_folder(
+    model_id: str,
+    subfolder: str | None,
+    hub_kwargs: dict[str, Any],
+    config_bytes: bytes,
+    weights_sha: str,
+    expected_sha256: str | None,
+) -> str:
+    """Check the config and weights as read against the folder's manifest (when it has one) and the caller's pin;
+    returns their delta digest."""
+    from .delta_file import resolve_file
+
+    where = model_id + (f"/{subfolder}" if subfolder else "")
     config_sha = integrity.sha256_hex(config_bytes)
-    manifest = resolve_file(scope.model_id, integrity.MANIFEST_NAME, scope.subfolder, optional=True, **scope.hub_kwargs)
+    manifest = resolve_file(model_id, integrity.MANIFEST_NAME, subfolder, optional=True, **hub_kwargs)
     if manifest is not None:
         with open(manifest, errors="replace") as handle:
             entries = integrity.parse_manifest(handle.read(), where)
-        integrity.check_manifest(entries, config_sha, read.sha256, where)
-    scope.digest = integrity.delta_digest(config_sha, read.sha256)
-    if scope.expected_sha256 is not None:
-        integrity.check_pinned(scope.expected_sha256, scope.digest, where)
-    return read.tensors
+        integrity.check_manifest(entries, config_sha, weights_sha, where)
+    digest = integrity.delta_digest(config_sha, weights_sha)
+    if expected_sha256 is not None:
+        integrity.check_pinned(integrity.normalize_expected(expected_sha256, PIN_KEYWORD), digest, where)
+    return digest
 
 
 def _check_same_config(config: Any, filename: str, data: bytes, where: str) -> None:

@@ -12,12 +12,14 @@ from .delta_file import (
     WEIGHTS_NAME,
     decode_entries,
     group_modules,
-    read_config_dict,
-    read_tensors,
+    parse_config,
+    read_config_bytes,
+    read_delta_file,
     resolve_file,
 )
 from .errors import GrinError
 from .fingerprint import architecture, matches
+from .loading import check_delta_folder
 
 
 def revert(
@@ -26,21 +28,26 @@ def revert(
     *,
     subfolder: str | None = None,
     force: bool = False,
+    expected_sha256: str | None = None,
     **hub_kwargs,
 ) -> nn.Module:
     """Restore every base weight entry a merged delta changed, exactly, and return the (same) model.
 
     Everything is checked before the first weight is written: the delta must be GRIN, match the model's modules,
     and be present in the merged weights (merged value == base + delta, rounded once as `merge` does). With
-    `force=True` a model that does not contain the delta, or whose fingerprint differs, is reverted anyway.
+    `force=True` a model that does not contain the delta, or whose fingerprint differs, is reverted anyway. With
+    `expected_sha256` the delta must be the one with that digest (`grin_peft.integrity`).
     """
     if any(isinstance(m, BaseTunerLayer) for m in merged_model.modules()):
         raise GrinError("revert expects a plain model from merge_and_unload(); this one still has adapter layers.")
-    raw = read_config_dict(path_or_repo_id, subfolder, **hub_kwargs)
+    config_file, config_bytes = read_config_bytes(path_or_repo_id, subfolder, **hub_kwargs)
+    raw = parse_config(config_file, config_bytes)
     if raw.get("peft_type") != "GRIN":
         raise GrinError(f"{path_or_repo_id}: not a GRIN delta (peft_type={raw.get('peft_type')!r}).")
     config = GrinConfig.from_peft_type(**GrinConfig.check_kwargs(**raw))
-    tensors = read_tensors(resolve_file(path_or_repo_id, WEIGHTS_NAME, subfolder, **hub_kwargs))
+    read = read_delta_file(resolve_file(path_or_repo_id, WEIGHTS_NAME, subfolder, **hub_kwargs))
+    check_delta_folder(str(path_or_repo_id), subfolder, hub_kwargs, config_bytes, read.sha256, expected_sha256)
+    tensors = read.tensors
     modules, others = group_modules(tensors)
     declared = config.modules_to_save or []
     for key in sorted(others):
