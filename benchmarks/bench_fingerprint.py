@@ -42,8 +42,10 @@ def main() -> None:
             fingerprint(model, mode=mode)
             times.append(time.perf_counter() - start)
         best = min(times)
-        print(f"{mode:8s} best of {args.repeats}: {best:.2f} s ({size / best / 1e9:.2f} GB/s); all: "
-              + ", ".join(f"{t:.2f}" for t in times))
+        print(
+            f"{mode:8s} best of {args.repeats}: {best:.2f} s ({size / best / 1e9:.2f} GB/s); all: "
+            + ", ".join(f"{t:.2f}" for t in times)
+        )
 
 
 if __name__ == "__main__":

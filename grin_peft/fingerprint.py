@@ -57,7 +57,7 @@ def sample_positions(numel: int) -> torch.Tensor:
 
 
 def default_mode(model: nn.Module) -> str:
-    """"full" unless the base is larger than `FULL_MAX_BYTES`, where hashing every byte costs tens of seconds."""
+    """ "full" unless the base is larger than `FULL_MAX_BYTES`, where hashing every byte costs tens of seconds."""
     total = sum(t.numel() * t.element_size() for _, t in base_parameters(model))
     return "full" if total <= FULL_MAX_BYTES else "sampled"
 

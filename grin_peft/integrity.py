@@ -62,7 +62,8 @@ def parse_manifest(text: str, where: str) -> dict[str, str]:
 
 def check_manifest(entries: dict[str, str], config_sha: str, weights_sha: str, where: str) -> None:
     """Refuse a config and weights that are not the pair the manifest lists."""
-    stale = [name for name, sha in ((CONFIG_NAME, config_sha), (WEIGHTS_NAME, weights_sha)) if entries.get(name) != sha]
+    pairs = ((CONFIG_NAME, config_sha), (WEIGHTS_NAME, weights_sha))
+    stale = [name for name, sha in pairs if entries.get(name) != sha]
     if stale:
         raise GrinError(
             f"{where}: {' and '.join(stale)} {'does' if len(stale) == 1 else 'do'} not match {MANIFEST_NAME}: the "
