@@ -8,7 +8,8 @@ previous version in `.<name>.grin-old-*` beside it. A reader that reads the conf
 a swap and the weights after it gets a mismatched pair: the manifest written with every save (`integrity`) makes
 that a clear error, never a silent load. Temporary folders of killed saves are removed by the next save beside them.
 
-Files and folders follow the user's umask, like PEFT and safetensors (temporary files are created 0600/0700).
+Files and folders follow the user's umask, as a plain open/mkdir would (temporary files and folders are created
+0600/0700, and safetensors 0.8 writes its files 0600).
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def current_umask() -> int:
 def apply_umask(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a file (0666) or folder (0777) made by mkstemp/mkdtemp the permissions a plain open/mkdir would have."""
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def apply_umask_tree(folder: str | os.PathLike) -> None:
+    """`apply_umask` to a folder and everything in it: libraries differ (safetensors 0.8 writes files 0600)."""
+    apply_umask(folder, directory=True)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            apply_umask(os.path.join(root, name), directory=True)
+        for name in files:
+            apply_umask(os.path.join(root, name))
 
 
 def temporary_name(target: Path) -> str:
@@ -135,6 +146,7 @@ def save_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Non
     apply_umask(work, directory=True)
     try:
         write(work)
+        apply_umask_tree(work)
         if target.is_dir():
             _carry_over(target, work)
         _fsync_tree(work)

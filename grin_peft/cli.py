@@ -2,6 +2,11 @@
 
 Every failure is one line on stderr and a non-zero exit; outputs are written to a temporary sibling directory
 and moved into place only when complete, so a failed run leaves nothing partial behind.
+
+Parse first, import late: this module imports nothing heavy at the top, `build_parser` neither, and the console
+entry point (`grin_peft_launcher`) loads it without running the package's `__init__` (which imports peft), so
+`--help` and a mistyped flag answer at once. A command's function imports what it needs. A new command is one
+`sub.add_parser(...)` block in `build_parser` ending in `p.set_defaults(func=cmd_<name>)`.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -18,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import GrinError
+from .errors import GrinError, command_line_terms
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
@@ -63,6 +69,9 @@ def _atomic_output(path: str) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield work
+        from .atomic_folder import apply_umask_tree
+
+        apply_umask_tree(work)
         if target.exists():
             target.rmdir()
         os.replace(work, target)
@@ -74,10 +83,11 @@ def _atomic_output(path: str) -> Iterator[Path]:
 def _read_items(source: str, what: str) -> list[dict[str, Any]]:
     """QA items from a JSON Lines file or a Hub dataset id; refuses empty sets before any model is loaded."""
     from .data import load_qa_jsonl
+    from .delta_file import looks_local
 
-    if os.path.exists(source) or source.endswith((".jsonl", ".json")):
+    if os.path.exists(source) or looks_local(source):
         if not os.path.isfile(source):
-            raise _fail(f"{what} file {source} does not exist.")
+            raise _fail(f"{what} file {source}: no such file.")
         items = load_qa_jsonl(source)
     else:
         items = _hub_items(source, what)
@@ -100,6 +110,12 @@ def _hub_items(repo_id: str, what: str) -> list[dict[str, Any]]:
 
 
 def _load_model(name: str):
+    """Model and tokenizer from a local folder or a Hub id; a path that does not exist fails before any Hub lookup."""
+    from .delta_file import looks_local
+
+    if looks_local(name) and not os.path.isdir(name):
+        what = "not a directory" if os.path.exists(name) else "no such file or directory"
+        raise _fail(f"model {name}: {what} (and not a Hub id).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -117,11 +133,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     _check_output(args.output)
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
-    refusals = (
-        [line.strip() for line in Path(args.refusals).read_text().splitlines() if line.strip()]
-        if (args.refusals)
-        else None
-    )
+    refusals = _read_refusals(args)
     fields = {
         "target_modules": args.target_modules,
         "density": args.density,
@@ -171,12 +183,40 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     status = {True: "target met", False: "TARGET NOT MET (--allow-partial)", None: "fixed schedule"}[result.target_met]
     print(
         f"delta written to {args.output} ({status}; {result.trainable_entries:,} trainable entries, "
-        f"{result.wall_time:.1f}s; every decision in unlearn_summary.json)"
+        f"{result.wall_time:.1f}s; every decision in unlearn_summary.json)\n"
+        f"delta sha256 {result.peft_model.grin_delta_sha256} (load it pinned: --expected-sha256 <this>)"
     )
     if args.push_to_hub:
         result.peft_model.push_to_hub(args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
     return 0
+
+
+def _read_refusals(args: argparse.Namespace) -> list[str] | None:
+    """The --refusals file's lines; an objective that trains towards refusals needs it, said before any work."""
+    from .objectives import get_objective
+
+    needs = get_objective(args.objective).requirements
+    if args.refusals is None:
+        if needs.refusal or needs.reference_refusal:
+            raise _fail(f"--objective {args.objective} trains towards refusal answers: give --refusals FILE.")
+        return None
+    if not os.path.isfile(args.refusals):
+        raise _fail(f"--refusals {args.refusals}: no such file.")
+    lines = [line.strip() for line in Path(args.refusals).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise _fail(f"--refusals {args.refusals} holds no refusal answers.")
+    return lines
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """PeftModel.from_pretrained options from --fingerprint-check and --expected-sha256."""
+    options = {}
+    if args.fingerprint_check is not None:
+        options["grin_fingerprint_check"] = args.fingerprint_check
+    if args.expected_sha256 is not None:
+        options["expected_sha256"] = args.expected_sha256
+    return options
 
 
 def _operating_point(args: argparse.Namespace):
@@ -226,7 +266,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _check_output(args.output)
     _check_grin_delta(args.delta)
     model, tokenizer = _load_model(args.model)
-    peft_model = PeftModel.from_pretrained(model, args.delta)
+    peft_model = PeftModel.from_pretrained(model, args.delta, **_load_options(args))
     with _atomic_output(args.output) as work:
         merged = peft_model.merge_and_unload(safe_merge=True)
         merged.save_pretrained(work)
@@ -242,8 +282,9 @@ def cmd_revert(args: argparse.Namespace) -> int:
     from .revert import revert
 
     _check_output(args.output)
+    _check_grin_delta(args.delta)
     model, tokenizer = _load_model(args.model)
-    revert(model, args.delta, force=args.force)
+    revert(model, args.delta, force=args.force, expected_sha256=args.expected_sha256)
     with _atomic_output(args.output) as work:
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
@@ -261,7 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.delta:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, args.delta)
+        model = PeftModel.from_pretrained(model, args.delta, **_load_options(args))
     result = evaluate_qa(
         model,
         tokenizer,
@@ -280,13 +321,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
+    from .demo import DEFAULTS, format_report, run_demo
 
     demo = run_demo(
         output_dir=args.output,
         cache_dir=args.cache_dir,
-        density=args.density,
-        objective=args.objective,
+        density=DEFAULTS["density"] if args.density is None else args.density,
+        objective=args.objective or DEFAULTS["objective"],
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -295,9 +336,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, kept separate so the docs and tests can inspect it."""
-    from .demo import DEFAULTS
-
+    """The argument parser, kept separate so the docs and tests can inspect it; imports nothing heavy."""
     parser = argparse.ArgumentParser(
         prog="grin-peft",
         description="GRIN unlearning: localise the weights that hold what must be forgotten, train a sparse delta "
@@ -362,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base model directory or Hub id")
     p.add_argument("--delta", required=True, help="delta directory or Hub repo id")
     p.add_argument("--output", required=True, help="new directory for the merged model")
+    _add_load_flags(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("revert", help="undo a merge exactly (bit for bit)")
@@ -369,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", required=True, help="the delta that was merged (directory or Hub repo id)")
     p.add_argument("--output", required=True, help="new directory for the restored model")
     p.add_argument("--force", action="store_true", help="revert even if the model does not contain the delta")
+    p.add_argument("--expected-sha256", metavar="DIGEST", help=PIN_HELP)
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("eval", help="answer probability, ROUGE-L, truth ratio and more on a QA set")
@@ -379,17 +420,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="also write every per-item number here")
+    _add_load_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on invented data, offline, in a few minutes on a CPU")
     p.add_argument("--output", default="runs/demo", help="where the delta and reports go (runs/demo)")
     p.add_argument("--cache-dir", help="where the memorised tiny model is cached (~/.cache/grin_peft/demo)")
-    p.add_argument("--density", type=float, default=DEFAULTS["density"])
-    p.add_argument("--objective", default=DEFAULTS["objective"])
+    p.add_argument("--density", type=float, help="fraction of entries to train (the demo's default: 1e-2)")
+    p.add_argument("--objective", help="unlearning objective (the demo's default: npo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+PIN_HELP = (
+    "refuse the delta unless its sha256 (printed by unlearn and push, in the model card) is this one; detects "
+    "tampering when the digest came to you by a channel you trust"
+)
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that applies a delta to a base."""
+    p.add_argument(
+        "--fingerprint-check",
+        choices=("error", "warn", "off"),
+        help="a base other than the delta's own: refuse (error, the default), apply with a warning (warn), or "
+        "apply silently (off)",
+    )
+    p.add_argument("--expected-sha256", metavar="DIGEST", help=PIN_HELP)
+
+
+def _kernel_notice(record: logging.LogRecord) -> bool:
+    return "gemm_4bit_forward" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_third_party_noise() -> Iterator[None]:
+    """Within the block, silence what is not about the user's job: bitsandbytes' notice about an optional CPU kernel,
+    FutureWarnings that transformers and peft raise about their own internals, and transformers' weight-loading
+    bars. Other warnings still show."""
+    from transformers.utils import logging as transformers_logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addFilter(_kernel_notice)
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)(\.|$)")
+            yield
+    finally:
+        logger.removeFilter(_kernel_notice)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _import_package() -> None:
+    """Run the package's `__init__` (registering GRIN with PEFT) if the launcher deferred it until after parsing."""
+    package = sys.modules[__package__]
+    if not hasattr(package, "__version__"):
+        package.__spec__.loader.exec_module(package)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,7 +488,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        from .progress import Heartbeat, line_progress_if_not_a_terminal
+
+        with (
+            command_line_terms(),
+            _quiet_third_party_noise(),
+            line_progress_if_not_a_terminal(),
+            Heartbeat(f"grin-peft {args.command}"),
+        ):
+            _import_package()
+            return args.func(args)
     except GrinError as exc:
         print(f"grin-peft {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_ERROR

@@ -24,6 +24,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import safetensors.torch
@@ -39,6 +40,7 @@ PEFT_PREFIX = "base_model.model."
 ENTRY_FORMS = ("grin_indices", "grin_mask")
 SUFFIXES = (*ENTRY_FORMS, "grin_values", "grin_base_values")
 CHECKSUM_KEY = "grin_sha256"
+SAVE_METADATA: ContextVar[dict[str, str] | None] = ContextVar("grin_save_metadata", default=None)  # set by a save
 
 
 @dataclass
@@ -141,6 +143,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: 
     """
     metadata = dict(metadata or {})
     if any(key.endswith(SUFFIXES) for key in tensors):
+        metadata.update(SAVE_METADATA.get() or {})
         metadata[CHECKSUM_KEY] = checksum(tensors)
     directory = os.path.dirname(os.path.abspath(filename))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
@@ -174,6 +177,7 @@ def atomic_write_text(text: str, filename: str) -> None:
         raise
 
 
+FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet", ".safetensors", ".bin")  # files, never Hub ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -181,7 +185,7 @@ def looks_local(path_or_repo_id: str) -> bool:
     """Whether a name can only mean a local path: it is not a Hub id (`name` or `owner/name`), or it starts with a
     folder that exists here (`runs/delta` when `runs/` exists). Such a name never triggers a Hub lookup."""
     text = str(path_or_repo_id)
-    if not _HUB_ID.match(text) or ".." in text or "--" in text or text.endswith((".json", ".safetensors")):
+    if not _HUB_ID.match(text) or ".." in text or "--" in text or text.endswith(FILE_SUFFIXES):
         return True
     return "/" in text and os.path.isdir(text.split("/", 1)[0])
 

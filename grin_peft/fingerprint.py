@@ -17,6 +17,7 @@ bit; the fingerprint covers everything else.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 
 import torch
@@ -25,11 +26,13 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .bnb_layout import canonical_4bit
+from .errors import GrinError
 
 SAMPLES_PER_TENSOR = 4096
 FULL_MAX_BYTES = 16 * 2**30  # 8B bf16 parameters: 8-27 s at the measured 0.6-2 GB/s; above it, sampled
 MODES = ("full", "sampled")
 CHUNK_BYTES = 1 << 26  # GPU tensors are copied to the CPU in pieces of this size
+SHAPES_KEY = "grin_base_shapes"  # safetensors metadata: the adapted modules' base weight shapes
 
 
 def base_parameters(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -129,6 +132,47 @@ def matches(
     mode = mode_of(recorded)
     computed = fingerprint(model, overrides, mode)
     return computed == recorded or computed.partition(":")[2] == recorded  # a bare digest: the sampled mode
+
+
+def base_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """The stored shape of a linear layer's base weight (Conv1D stores (in, out)); None for anything else.
+
+    Read from the layer's features, so quantized (packed) weights report their logical shape without dequantizing.
+    """
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    features = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if all(isinstance(n, int) for n in features):
+        return features
+    return None
+
+
+def adapted_shapes(peft_model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    """Module name -> base weight shape for every module an adapter adapts: saved with the delta (`SHAPES_KEY`)."""
+    layers = peft_model.base_model.grin_layers(adapter_name)
+    return {name: list(shape) for name, layer in sorted(layers.items()) if (shape := base_shape(layer)) is not None}
+
+
+def check_shapes(model: nn.Module, metadata: dict[str, str] | None) -> None:
+    """Refuse a base whose adapted weights have other shapes than the base the delta was made for, saying which:
+    positions in a weight of another shape address other entries, whatever the fingerprint policy."""
+    recorded = json.loads(metadata[SHAPES_KEY]) if metadata and SHAPES_KEY in metadata else {}
+    differing = []
+    for name, shape in sorted(recorded.items()):
+        try:
+            here = base_shape(model.get_submodule(name))
+        except AttributeError:
+            here = None
+        if here is not None and list(here) != list(shape):
+            differing.append(f"{name} is {tuple(here)} here, {tuple(shape)} in the delta's base")
+    if differing:
+        more = f" (and {len(differing) - 1} more modules)" if len(differing) > 1 else ""
+        raise GrinError(
+            f"this base's weights have other shapes than the base the delta was made for: {differing[0]}{more}; "
+            "it is another model size or variant, and the delta cannot apply to it."
+        )
 
 
 def architecture(model: nn.Module) -> str:

@@ -8,6 +8,7 @@ the target, adds the manifest (`grin.sha256`) and GRIN's model card, and swaps t
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import yaml
 
 from .atomic_folder import save_folder
 from .config import GrinConfig
-from .delta_file import looks_local
+from .delta_file import SAVE_METADATA, looks_local
+from .fingerprint import SHAPES_KEY, adapted_shapes
 from .integrity import MANIFEST_NAME, write_manifest
 
 CARD_TAGS = ("grin", "unlearning", "peft", "sparse-delta")
@@ -51,8 +53,11 @@ def hub_base_id(config: GrinConfig) -> str | None:
     return base
 
 
-def model_card(peft_model, adapter_name: str, digest: str | None, location: str) -> str:
-    """GRIN's model card: what was forgotten, how, measured before/after, how to load pinned and how to revert."""
+def model_card(peft_model, adapter_name: str, digest: str | None, repo_id: str | None) -> str:
+    """GRIN's model card: what was forgotten, how, measured before/after, how to load pinned and how to revert.
+
+    `repo_id` is where the delta is pushed; a local save has none, and the card then says "this folder" (a local
+    path in a card would be wrong wherever the folder is copied to)."""
     config: GrinConfig = peft_model.peft_config[adapter_name]
     facts = describe_adapter(peft_model, adapter_name)
     base = hub_base_id(config)
@@ -63,6 +68,8 @@ def model_card(peft_model, adapter_name: str, digest: str | None, location: str)
     if digest:
         metadata["grin"]["delta_sha256"] = digest
     pin = f', expected_sha256="{digest}"' if digest else ""
+    source = f'"{repo_id}"' if repo_id else "delta"
+    where = repo_id or "DELTA_FOLDER"
     forgotten = facts["forget_description"] or (
         "Not described by its author (set `forget_description` in `GrinConfig`, or `--forget-description`)."
     )
@@ -100,13 +107,15 @@ def model_card(peft_model, adapter_name: str, digest: str | None, location: str)
         "import grin_peft  # registers GRIN with PEFT",
         "from peft import PeftModel",
         "",
-        f'model = PeftModel.from_pretrained(base, "{location}"{pin})',
+        *([] if repo_id else ["# base: the base model below; delta: the path of this folder"]),
+        f"model = PeftModel.from_pretrained(base, {source}{pin})",
         "merged = model.merge_and_unload()  # deploy",
-        f'grin_peft.revert(merged, "{location}")  # exact, bit-for-bit undo of that merge',
+        f"grin_peft.revert(merged, {source})  # exact, bit-for-bit undo of that merge",
         "```",
         "",
-        f"Command line: `grin-peft merge --model BASE --delta {location} --output merged/`, then "
-        f"`grin-peft revert --model merged/ --delta {location} --output restored/`.",
+        f"Command line: `grin-peft merge --model BASE --delta {where} --output merged/`, then "
+        f"`grin-peft revert --model merged/ --delta {where} --output restored/`"
+        + (f" (add `--expected-sha256 {digest}` to either to pin it)." if digest else "."),
         "",
         "## Integrity",
         "",
@@ -155,11 +164,11 @@ def _grin_adapter(peft_model) -> str | None:
     return peft_model.active_adapter if peft_model.active_adapter in names else names[0]
 
 
-def write_card(peft_model, folder: str | os.PathLike, digest: str | None = None, location: str | None = None) -> None:
+def write_card(peft_model, folder: str | os.PathLike, digest: str | None = None, repo_id: str | None = None) -> None:
     """Write GRIN's model card into `folder` (replacing PEFT's template, which is mostly placeholders)."""
     adapter = _grin_adapter(peft_model)
     if adapter is not None:
-        text = model_card(peft_model, adapter, digest, location or str(folder))
+        text = model_card(peft_model, adapter, digest, repo_id)
         Path(folder, CARD_NAME).write_text(text)
 
 
@@ -167,14 +176,19 @@ def save_delta_folder(peft_model, original_save, save_directory, *args, **kwargs
     """PEFT's save_pretrained into a temporary folder, plus manifests and the card, swapped in as one unit."""
 
     def write(work: Path) -> None:
-        original_save(peft_model, str(work), *args, **kwargs)
+        adapter = _grin_adapter(peft_model)
+        token = SAVE_METADATA.set({SHAPES_KEY: json.dumps(adapted_shapes(peft_model, adapter))})
+        try:
+            original_save(peft_model, str(work), *args, **kwargs)
+        finally:
+            SAVE_METADATA.reset(token)
         digest = None
         for config_file in sorted(work.rglob("adapter_config.json")):
             if (config_file.parent / "adapter_model.safetensors").is_file():
                 folder_digest = write_manifest(config_file.parent)
                 digest = folder_digest if config_file.parent == work else digest
         peft_model.grin_delta_sha256 = digest
-        write_card(peft_model, work, digest, os.fspath(save_directory))
+        write_card(peft_model, work, digest)
 
     save_folder(save_directory, write)
 

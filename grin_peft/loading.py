@@ -52,6 +52,7 @@ class LoadScope:
     expected_sha256: str | None = None
     config_read: tuple[str, bytes] | None = None  # adapter_config.json as read (and hashed) by the pre-check
     digest: str | None = None  # the delta digest of what was loaded
+    metadata: dict[str, str] | None = None  # the delta file's safetensors metadata
     tensors: dict[str, torch.Tensor] | None = None  # read and verified once by the pre-injection check
     tuner: Any = None  # the GrinModel that injected the adapter, to unwrap on failure
     grin: bool = False
@@ -175,6 +176,7 @@ def read_delta(scope: LoadScope, config: Any = None) -> dict[str, torch.Tensor]:
     )
     if config is not None and scope.config_read is not None:  # PEFT parsed the file itself (no config= given)
         _check_same_config(config, config_file, config_bytes, where)
+    scope.metadata = read.metadata
     scope.digest = check_delta_folder(
         scope.model_id, scope.subfolder, scope.hub_kwargs, config_bytes, read.sha256, scope.expected_sha256
     )

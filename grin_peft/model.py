@@ -22,8 +22,8 @@ from .delta_file import (
     validate_modules,
     with_indices,
 )
-from .errors import GrinError
-from .fingerprint import architecture, fingerprint, matches
+from .errors import GrinError, remedy
+from .fingerprint import architecture, check_shapes, fingerprint, matches
 from .layer import GrinLayer, Linear, validate_entries
 from .localize.select import per_module_budgets, resolve_budget, select_global, select_per_module
 from .noise import module_generator, noise_values
@@ -63,11 +63,12 @@ def apply_fingerprint_policy(level: str, problem: str, always_warn: bool = False
     """Refuse, warn about or ignore a base mismatch at the loader's chosen `level` (see `grin_peft.loading`); the
     level never comes from the delta's own config, which an attacker controls."""
     if level == "error":
-        raise GrinError(
-            f"{problem} Refusing to apply the delta; if you are sure, load it with "
+        how = remedy(
             "PeftModel.from_pretrained(..., grin_fingerprint_check='warn'), inside "
-            "`with grin_peft.fingerprint_check('warn'):`, or with GRIN_FINGERPRINT_CHECK=warn."
+            "`with grin_peft.fingerprint_check('warn'):`, or with GRIN_FINGERPRINT_CHECK=warn",
+            "--fingerprint-check warn",
         )
+        raise GrinError(f"{problem} Refusing to apply the delta; if you are sure, load it with {how}.")
     if level == "warn" or always_warn:
         warnings.warn(problem, UserWarning, stacklevel=3)
 
@@ -173,6 +174,7 @@ class GrinModel(BaseTuner):
         scope.grin, scope.tuner = True, self
         level = loading.resolve_level()
         tensors = loading.read_delta(scope, config)
+        check_shapes(model, scope.metadata)
         self._check_base(model, config, arch, level)
         self._check_delta(model, config, tensors, arch, level)
         scope.tensors = tensors

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import GrinError
+from .errors import GrinError, remedy
 
 __all__ = ["OperatingPoint", "split_heldout", "search"]
 
@@ -177,7 +177,9 @@ def split_heldout(retain: Sequence[Any], point: OperatingPoint) -> tuple[list[An
     if len(items) < 2:
         raise GrinError(
             "the automatic operating point holds out part of the retain set to check what is kept: it needs at "
-            f"least 2 retain items, got {len(items)} (or pass eval_retain=, or fix learning_rate/num_train_epochs)."
+            f"least 2 retain items, got {len(items)} ("
+            + remedy("or pass eval_retain=, or fix learning_rate/num_train_epochs", "or fix --lr/--epochs")
+            + ")."
         )
     n_heldout = min(point.max_heldout, max(1, round(point.heldout_fraction * len(items))), len(items) - 1)
     order = list(range(len(items)))

@@ -17,7 +17,7 @@ from .delta_file import (
     read_delta_file,
     resolve_file,
 )
-from .errors import GrinError
+from .errors import GrinError, remedy
 from .fingerprint import architecture, matches
 from .loading import check_delta_folder
 
@@ -83,8 +83,8 @@ def revert(
         if not force and not torch.equal(current, expected):
             raise GrinError(
                 f"{name}: the model does not contain this delta merged (already reverted, merged with "
-                "other deltas on the same entries, or a different delta). Pass force=True to overwrite "
-                "anyway."
+                f"other deltas on the same entries, or a different delta). Pass {remedy('force=True', '--force')} to "
+                "overwrite anyway."
             )
         writes.append((weight, idx, base))
         overrides[f"{name}.weight"] = (idx, base)
@@ -92,7 +92,7 @@ def revert(
         if not matches(merged_model, config.base_model_fingerprint, overrides):
             raise GrinError(
                 "after revert the model would not match the base the delta was made for (fingerprint "
-                "mismatch). Pass force=True to revert anyway."
+                f"mismatch). Pass {remedy('force=True', '--force')} to revert anyway."
             )
     with torch.no_grad():
         for weight, idx, base in writes:

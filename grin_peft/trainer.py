@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, Sampler
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from .data import IGNORE_INDEX, EncodedQA, QACollator, QAFormat, as_format
-from .errors import GrinError
+from .errors import GrinError, remedy
 from .objectives import ObjectiveInputs, UnlearningObjective, get_objective, sequence_nll
 
 __all__ = [
@@ -722,8 +722,8 @@ def check_refusals(
         return None
     if refusals is None:
         raise GrinError(
-            f"objective {objective.name!r} trains towards refusal answers: pass refusals=[...] (e.g. "
-            "grin_peft.data.load_tofu_idk())."
+            f"objective {objective.name!r} trains towards refusal answers: pass "
+            f"{remedy('refusals=[...] (e.g. grin_peft.data.load_tofu_idk())', '--refusals FILE (one answer a line)')}."
         )
     if isinstance(refusals, str | bytes) or not isinstance(refusals, Sequence):
         raise GrinError("refusals must be a list of strings (e.g. grin_peft.data.load_tofu_idk()).")

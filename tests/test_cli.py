@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -100,10 +101,10 @@ def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
 @pytest.mark.parametrize(
     ("setup", "argv", "message"),
     [
-        (None, ["--forget", "missing.jsonl"], "does not exist"),
+        (None, ["--forget", "missing.jsonl"], "no such file"),
         ("malformed", ["--forget", "{bad}"], "line 2"),
         ("empty", ["--forget", "{bad}"], "no records"),
-        (None, ["--model", "{nomodel}"], "cannot load model"),
+        (None, ["--model", "{nomodel}"], "no such file or directory"),
     ],
 )
 def test_unlearn_bad_input_is_one_line_and_writes_nothing(workspace, capsys, tmp_path, setup, argv, message):
@@ -139,7 +140,7 @@ def test_refuses_to_overwrite_a_non_empty_output(workspace, capsys, tmp_path):
 
 
 def test_installed_entry_point_teaches_with_help():
-    result = subprocess.run([sys.executable, "-m", "grin_peft.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "grin_peft_launcher", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("unlearn", "merge", "revert", "eval", "demo"):
         assert command in result.stdout
@@ -168,6 +169,7 @@ def crafted(workspace):
 
     from grin_peft import GrinConfig
     from grin_peft.delta_file import atomic_save_file
+    from grin_peft.integrity import write_manifest
 
     good = workspace / "good-delta"
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
@@ -185,9 +187,11 @@ def crafted(workspace):
         elif name == "listconfig":
             (path / "adapter_config.json").write_text("[]")
         atomic_save_file(tensors, str(path / "adapter_model.safetensors"))
+        write_manifest(path)  # the attacker re-writes the manifest too: the checks behind it must hold
         if name == "pickle":
             torch.save(tensors, path / "adapter_model.bin")
             (path / "adapter_model.safetensors").unlink()
+            (path / "grin.sha256").unlink()
         out[name] = path
     return out
 
@@ -224,3 +228,118 @@ def test_merge_checks_its_output_and_the_delta_type_before_loading_anything(work
     code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", lora, "--output", tmp_path / "new")
     assert code == 1 and "not a GRIN delta (peft_type='LORA')" in err
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- issue 11: the command line as a new user meets it
+def test_help_and_a_mistyped_flag_answer_before_torch_or_peft_is_imported():
+    script = (
+        "import sys, grin_peft_launcher\n"
+        "for argv in (['--help'], ['unlearn', '--modle', 'x']):\n"
+        "    sys.argv = ['grin-peft', *argv]\n"
+        "    try:\n"
+        "        grin_peft_launcher.main()\n"
+        "    except SystemExit as exc:\n"
+        "        print(exc.code, 'torch' in sys.modules, 'peft' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.splitlines()[-2:] == ["0 False False", "2 False False"], result.stderr
+    assert "unrecognized arguments: --modle" in result.stderr or "required: --model" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--model", "--delta"])
+@pytest.mark.parametrize("path", ["./typo", "{tmp}/typo", "{tmp}/../typo/x", "runs/typo"])
+def test_a_mistyped_local_path_fails_at_once_without_a_hub_lookup(workspace, capsys, tmp_path, monkeypatch, flag,
+                                                                  path):  # fmt: skip
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path was looked up on the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # `runs/typo` is a Hub-shaped name, but runs/ is a folder here
+    args = {"--model": workspace / "model", "--delta": workspace / "good-delta"}
+    args[flag] = path.format(tmp=tmp_path)
+    code, _, err = run(capsys, "merge", "--model", args["--model"], "--delta", args["--delta"], "--output", "out")
+    assert code == 1 and "no such file or directory" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_offline_mode_is_respected_for_hub_ids(workspace, capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", "someone/never-downloaded",
+                       "--output", tmp_path / "out")  # fmt: skip
+    assert code == 1 and "offline, not cached" in err, err
+
+
+@pytest.fixture(scope="module")
+def merged(workspace, crafted, tmp_path_factory):
+    """The CLI model with the good delta merged, and the delta's manifest."""
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    assert main(["merge", "--model", str(workspace / "model"), "--delta", str(workspace / "good-delta"),
+                 "--output", str(out)]) == 0  # fmt: skip
+    return out, (workspace / "good-delta" / "grin.sha256").read_bytes()
+
+
+def other_base(workspace, root, **sizes):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoModelForCausalLM.from_pretrained(workspace / "model").config
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(root)
+    return root
+
+
+def test_messages_name_flags_and_the_flag_to_accept_another_base_exists(workspace, crafted, merged, capsys, tmp_path):
+    other = other_base(workspace, tmp_path / "other")
+    argv = ["merge", "--model", other, "--delta", workspace / "good-delta"]
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "m1")
+    assert code == 1 and "--fingerprint-check warn" in err and "grin_fingerprint_check" not in err, err
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "m2", "--fingerprint-check", "warn")
+    assert code == 0, err
+    code, _, err = run(capsys, "revert", "--model", workspace / "model", "--delta", workspace / "good-delta",
+                       "--output", tmp_path / "r")  # fmt: skip
+    assert code == 1 and "--force" in err and "force=True" not in err, err
+    code, _, err = run(capsys, "unlearn", "--model", workspace / "model", "--forget", workspace / "forget.jsonl",
+                       "--objective", "idk_nll", "--output", tmp_path / "u")  # fmt: skip
+    assert code == 1 and "--refusals FILE" in err and "refusals=[" not in err, err
+
+
+def test_a_base_of_other_shapes_says_what_differs(workspace, crafted, capsys, tmp_path):
+    bigger = other_base(workspace, tmp_path / "bigger", intermediate_size=96)
+    code, _, err = run(capsys, "merge", "--model", bigger, "--delta", workspace / "good-delta",
+                       "--output", tmp_path / "m", "--fingerprint-check", "off")  # fmt: skip
+    assert code == 1 and "other shapes" in err, err
+    assert "down_proj is (32, 96) here, (32, 128) in the delta's base" in err, err
+
+
+def test_a_pinned_digest_on_the_command_line(workspace, crafted, merged, capsys, tmp_path):
+    import hashlib
+
+    merged_model, manifest = merged
+    digest = hashlib.sha256(manifest).hexdigest()
+    argv = ["revert", "--model", merged_model, "--delta", workspace / "good-delta"]
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "r1", "--expected-sha256", "0" * 64)
+    assert code == 1 and "not the delta you pinned" in err, err
+    code, _, err = run(capsys, *argv, "--output", tmp_path / "r2", "--expected-sha256", digest)
+    assert code == 0, err
+
+
+def test_output_folders_follow_the_umask(workspace, crafted, capsys, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", workspace / "good-delta",
+                           "--output", tmp_path / "merged")  # fmt: skip
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o755
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "merged").iterdir()} == {
+        p.name: "0o644" for p in (tmp_path / "merged").iterdir()
+    }

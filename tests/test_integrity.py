@@ -223,7 +223,7 @@ def test_the_card_says_what_how_measured_and_how_to_revert_and_nothing_else(tmp_
     assert "base_model" not in card.data.to_dict() and str(tmp_path) + "\n" not in text
     assert "the planted test facts" in text
     assert "forget answer probability: 0.9100 -> 0.1200" in text
-    assert "grin_peft.revert(merged" in text and "grin-peft revert" in text
+    assert "grin_peft.revert(merged, delta)" in text and "grin-peft revert" in text
     assert f'expected_sha256="{model.grin_delta_sha256}"' in text
     assert len(text.splitlines()) < 80
 
