@@ -149,9 +149,9 @@ def base_shape(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
-def adapted_shapes(peft_model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
-    """Module name -> base weight shape for every module an adapter adapts: saved with the delta (`SHAPES_KEY`)."""
-    layers = peft_model.base_model.grin_layers(adapter_name)
+def adapted_shapes(peft_model: nn.Module) -> dict[str, list[int]]:
+    """Module name -> base weight shape for every module GRIN adapts: saved with the delta (`SHAPES_KEY`)."""
+    layers = peft_model.base_model.grin_layers()
     return {name: list(shape) for name, layer in sorted(layers.items()) if (shape := base_shape(layer)) is not None}
 
 

@@ -176,8 +176,7 @@ def save_delta_folder(peft_model, original_save, save_directory, *args, **kwargs
     """PEFT's save_pretrained into a temporary folder, plus manifests and the card, swapped in as one unit."""
 
     def write(work: Path) -> None:
-        adapter = _grin_adapter(peft_model)
-        token = SAVE_METADATA.set({SHAPES_KEY: json.dumps(adapted_shapes(peft_model, adapter))})
+        token = SAVE_METADATA.set({SHAPES_KEY: json.dumps(adapted_shapes(peft_model))})
         try:
             original_save(peft_model, str(work), *args, **kwargs)
         finally:

@@ -89,6 +89,18 @@ def test_a_malformed_pin_is_refused_before_loading(tmp_path, bad):
         PeftModel.from_pretrained(build("llama"), tmp_path, expected_sha256=bad)
 
 
+def test_load_adapter_takes_the_pin_too(tmp_path):
+    digest = make_delta(tmp_path / "a").grin_delta_sha256
+    make_delta(tmp_path / "b", seed=1)
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "a")
+    loaded.load_adapter(tmp_path / "a", "again", expected_sha256=digest)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    with pytest.raises(GrinError, match="not the delta you pinned"):
+        loaded.load_adapter(tmp_path / "b", "other", expected_sha256=digest)
+    assert "other" not in loaded.peft_config
+    assert all(torch.equal(v, before[k]) for k, v in loaded.state_dict().items())
+
+
 def test_a_hub_commit_by_someone_else_fails_the_pin(hub, tmp_path, capsys):
     repo_id = unique_repo_id("grin-pinned")
     model = get_peft_model(build("llama"), GrinConfig(density=0.01, score="random", init_weights=False))
@@ -121,6 +133,24 @@ def test_config_and_weights_of_different_saves_are_refused(tmp_path):
     (tmp_path / "a" / CONFIG).write_bytes((tmp_path / "b" / CONFIG).read_bytes())  # a half-finished copy
     with pytest.raises(GrinError, match="come from different saves"):
         PeftModel.from_pretrained(build("llama"), tmp_path / "a")
+
+
+def test_a_config_changed_between_the_checked_read_and_pefts_read_is_refused(tmp_path, monkeypatch):
+    make_delta(tmp_path)
+    original = GrinConfig.from_pretrained.__func__
+
+    def racing_save(cls, *args, **kwargs):  # another process rewrites the config just before PEFT reads it
+        config = json.loads((tmp_path / CONFIG).read_text())
+        config["target_modules"] = ["q_proj"]
+        (tmp_path / CONFIG).write_text(json.dumps(config))
+        write_manifest(tmp_path)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(GrinConfig, "from_pretrained", classmethod(racing_save))
+    base = build("llama")
+    with pytest.raises(GrinError, match="changed while the delta was being loaded .*target_modules"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not hasattr(base, "peft_config")
 
 
 def test_a_resave_replaces_the_folder_and_keeps_what_else_it_held(tmp_path):
