@@ -4,12 +4,13 @@ Guarantee (local filesystems): after `save_folder` returns, the folder holds exa
 dies at any point before, it holds exactly what it held before (or does not exist, if it did not). On Linux the
 swap of an existing folder is one `renameat2(RENAME_EXCHANGE)` call, so a reader never finds the folder missing;
 elsewhere it is two renames: a reader can find it missing for an instant, and a kill in that instant leaves the
-previous version in `.<name>.grin-old-*` beside it. A reader that reads the config before
-a swap and the weights after it gets a mismatched pair: the manifest written with every save (`integrity`) makes
-that a clear error, never a silent load. Temporary folders of killed saves are removed by the next save beside them.
+previous version in `.<name>.grin-old-*` beside it. A reader that reads the config before a swap and the weights
+after it gets a mismatched pair: the manifest written with every save (`integrity`) makes that a clear error, never
+a silent load. Temporary folders of killed saves are removed by the next save beside them.
 
-Files and folders follow the user's umask, as a plain open/mkdir would (temporary files and folders are created
-0600/0700, and safetensors 0.8 writes its files 0600).
+Saving into the working directory itself (`save_pretrained(".")`) writes in place instead: each file atomically,
+with the manifest to detect a mixed pair. Files and folders follow the user's umask, as a plain open/mkdir would
+(temporary files and folders are created 0600/0700, and safetensors 0.8 writes its files 0600).
 """
 
 from __future__ import annotations
@@ -136,10 +137,18 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Run `write(temporary_folder)` and make its result `target` in one step (see the module docstring)."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
+    """Run `write(temporary_folder)` and make its result `target` in one step (see the module docstring).
+
+    A target that is this process's working directory (or holds it) cannot be swapped out from under it: there the
+    files are written in place, each one atomically, and the manifest tells a mixed pair at load.
+    """
+    if Path(target).exists() and not Path(target).is_dir():
         raise GrinError(f"{target} is a file; a delta is saved into a directory.")
+    target = Path(os.path.realpath(target))  # a symlinked folder: swap the folder, keep the link
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        write(target)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
     work = Path(tempfile.mkdtemp(prefix=temporary_name(target), dir=target.parent))

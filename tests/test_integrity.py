@@ -163,6 +163,18 @@ def test_a_resave_replaces_the_folder_and_keeps_what_else_it_held(tmp_path):
     assert not [p for p in tmp_path.parent.iterdir() if TMP_MARK in p.name]
 
 
+def test_saving_into_the_working_directory_or_through_a_symlink(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    make_delta(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / MANIFEST_NAME).exists()
+    monkeypatch.chdir(tmp_path / "real")
+    make_delta(".", seed=1)  # the folder the process stands in is written in place, never swapped away
+    assert Path.cwd() == tmp_path / "real" and (tmp_path / "real" / WEIGHTS).exists()
+    assert PeftModel.from_pretrained(build("llama"), ".") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_a_failed_save_leaves_the_previous_folder_and_no_temporaries(tmp_path, monkeypatch):
     make_delta(tmp_path / "delta", seed=0)
     before = {p.name: p.read_bytes() for p in (tmp_path / "delta").iterdir()}
