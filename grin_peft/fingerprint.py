@@ -6,8 +6,8 @@ Two modes, recorded in the fingerprint itself so a loader recomputes the same ki
   parameter and persistent buffer, streamed tensor by tensor, no copy on the CPU, at sha256's speed (1e9 bf16
   entries, 2 GB: 3.4 s on one shared CPU core, BENCHMARKS.md §7). It detects any change to any base weight.
 * ``sampled:<sha256>`` (larger bases): names, shapes, dtypes and `SAMPLES_PER_TENSOR` evenly spaced values per
-  tensor. It tells apart different checkpoints, fine-tunes and dtypes, but misses sparse edits: on a 2M-parameter
-  model 96% of single-entry edits fall between the samples. A bare ``<sha256>`` (deltas from before the full
+  tensor. It tells apart different checkpoints, fine-tunes and dtypes, but misses sparse edits: it caught 10 of 200
+  single-entry edits of 256 x 256 weights (BENCHMARKS.md §7). A bare ``<sha256>`` (deltas from before the full
   mode) is a sampled fingerprint.
 
 Either way a delta also records the exact base values at its own entries, which `load` and `revert` compare bit for
