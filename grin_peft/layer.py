@@ -274,8 +274,8 @@ class GrinLayer(BaseTunerLayer):
             new = (old.float() + values.float()).to(weight.dtype)
             if safe_merge and not bool(torch.isfinite(new).all()):
                 raise GrinError(
-                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({name}: the merge "
-                    "would produce NaN/Inf weights; nothing was merged)."
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({name}: the "
+                    "merge would produce NaN/Inf weights; nothing was merged)."
                 )
             merged_so_far.append((idx, new))
             plan.append((adapter, idx, old, new))
