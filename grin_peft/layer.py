@@ -94,8 +94,6 @@ class GrinLayer(BaseTunerLayer):
         self._grin_patterns: dict[str, tuple[tuple, SparsePattern]] = {}
         self._grin_premerge: dict[str, torch.Tensor] = {}
         self._grin_premerge_quantized: dict[str, tuple[nn.Parameter, Any]] = {}
-        # requires_grad PEFT asked for, per adapter with no entries here (whose empty Parameter stays frozen)
-        self._grin_wants_grad: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
@@ -135,47 +133,6 @@ class GrinLayer(BaseTunerLayer):
         """How many weight entries this adapter trains here."""
         return self.grin_values[adapter_name].numel() if adapter_name in self.grin_values else 0
 
-    # ------------------------------------------------ trainability: an adapter without entries here trains nothing
-    def _grin_hold_empty(self, adapter_names: Any) -> None:
-        """Freeze the empty Parameter of every adapter that has no entries here, remembering what PEFT asked for.
-
-        A trainable Parameter that never gets a gradient breaks DDP ("Expected to have finished reduction") and
-        PEFT's training checks; it comes back trainable as soon as entries arrive, if PEFT wanted it so.
-        """
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            param = self.grin_values[name] if name in self.grin_values else None
-            if param is not None and param.numel() == 0:
-                self._grin_wants_grad[name] = param.requires_grad
-                param.requires_grad_(False)
-
-    def _grin_requires_grad(self, adapter_name: str) -> bool:
-        """Whether the adapter's values here should be trainable once they hold entries."""
-        param = self.grin_values[adapter_name] if adapter_name in self.grin_values else None
-        if param is not None and param.numel():
-            return param.requires_grad
-        return self._grin_wants_grad.get(adapter_name, True)
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        """PEFT's activation (sets requires_grad on every adapter), keeping adapters without entries frozen."""
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._grin_hold_empty(list(self.grin_values.keys()))
-
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        """PEFT's switch for the named adapters, keeping those without entries here frozen."""
-        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
-        self._grin_hold_empty(adapter_names)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """PEFT's enable/disable; enabling goes through `set_adapter`, disabling freezes every adapter."""
-        super().enable_adapters(enabled)
-        if not enabled:
-            self._grin_hold_empty(list(self.grin_values.keys()))
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """PEFT's deletion, forgetting the adapter's remembered trainability too."""
-        self._grin_wants_grad.pop(adapter_name, None)
-        super().delete_adapter(adapter_name)
-
     def cast_grin_values(self, adapter_name: str, autocast: bool) -> None:
         """The adapter's values in float32 for 16-bit bases (`autocast`, PEFT's default) or in the base weight's
         dtype (PEFT's `autocast_adapter_dtype=False`); a float32 or float64 base keeps float32 values."""
@@ -199,15 +156,14 @@ class GrinLayer(BaseTunerLayer):
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
         validate_entries(module_name or type(self).__name__, indices, values, self.grin_numel)
-        old = self.grin_values[adapter_name] if adapter_name in self.grin_values else None
+        old = self.grin_values.get(adapter_name)
         dtype = old.dtype if old is not None else torch.float32
-        requires_grad = self._grin_requires_grad(adapter_name)
+        requires_grad = old.requires_grad if old is not None else True
         self.grin_indices[adapter_name] = indices.to(index_dtype(self.grin_numel))
         self.grin_base_values[adapter_name] = weight.detach().reshape(-1)[indices.long()].clone()
         self.grin_values[adapter_name] = nn.Parameter(
             values.detach().to(device=weight.device, dtype=dtype).clone(), requires_grad=requires_grad
         )
-        self._grin_hold_empty(adapter_name)
         self._grin_patterns.pop(adapter_name, None)
 
     def resize_grin_entries(self, adapter_name: str, num_entries: int, base_dtype: torch.dtype) -> None:
@@ -215,12 +171,11 @@ class GrinLayer(BaseTunerLayer):
         device = self._grin_weight().device
         self.grin_indices[adapter_name] = torch.zeros(num_entries, dtype=index_dtype(self.grin_numel), device=device)
         self.grin_base_values[adapter_name] = torch.zeros(num_entries, dtype=base_dtype, device=device)
-        requires_grad = self._grin_requires_grad(adapter_name)
+        requires_grad = self.grin_values[adapter_name].requires_grad
         self.grin_values[adapter_name] = nn.Parameter(
             torch.zeros(num_entries, dtype=self.grin_values[adapter_name].dtype, device=device),
             requires_grad=requires_grad,
         )
-        self._grin_hold_empty(adapter_name)
         self._grin_patterns.pop(adapter_name, None)
 
     def _grin_pattern(self, adapter_name: str) -> SparsePattern:
@@ -370,6 +325,18 @@ class GrinLayer(BaseTunerLayer):
             if adapter not in dense:
                 delta = sparse_delta_linear(x.to(result.dtype), self.grin_values[adapter], self._grin_pattern(adapter))
                 result = result + delta
+        return self._grin_join_empty(result)
+
+    def _grin_join_empty(self, result: torch.Tensor) -> torch.Tensor:
+        """Add 0 from each active adapter that has no entries here but trainable (empty) values, so they get a
+        (zero, empty) gradient: a trainable Parameter without one stops DDP at the next step ("Expected to have
+        finished reduction") and fails PEFT's training checks. Only while training; one elementwise add each."""
+        if not torch.is_grad_enabled():
+            return result
+        for adapter in self.active_adapters:
+            values = self.grin_values[adapter] if adapter in self.grin_values else None
+            if values is not None and values.numel() == 0 and values.requires_grad:
+                result = result + values.sum().to(result.dtype)
         return result
 
     def grow_grin_entries(

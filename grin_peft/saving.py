@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
 from .errors import GrinError
 
 
-def refuse_pickle(model, selected_adapters: list[str] | None, safe_serialization: bool) -> None:
+def refuse_pickle(model: Any, selected_adapters: list[str] | None, safe_serialization: bool) -> None:
     """GrinError when a save would write a GRIN adapter as a pickle; nothing is written then."""
     from .config import GrinConfig
 

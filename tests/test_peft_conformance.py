@@ -101,6 +101,10 @@ def test_save_load_round_trip_is_exact_and_records_the_drawn_seed(case, tmp_path
         assert torch.equal(other.grin_indices["default"].long(), idx), name
         assert torch.equal(other.grin_values["default"], values), name
     torch.testing.assert_close(output(loaded, inputs), expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # PEFT loads for inference by default
+    trainable = PeftModel.from_pretrained(build(kind), tmp_path, is_trainable=True)
+    names = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("call", ["keyword", "positional"])
@@ -196,6 +200,21 @@ def test_add_adapter_selects_entries_with_the_same_budget_and_different_draws(ca
     assert any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
 
 
+def test_a_selection_that_fails_leaves_the_model_as_it_was():
+    base = build("mlp")
+    before = state(base)
+    too_many = {"target_modules": ["lin0"], "num_entries": 10**6, "score": "random"}
+    with pytest.raises(GrinError, match="exceeds"):
+        get_peft_model(base, GrinConfig(**too_many))
+    assert not any(isinstance(m, GrinLayer) for m in base.modules())
+    assert state(base).keys() == before.keys()
+    model = grin("mlp", CASES[0][1])
+    names = set(model.state_dict())
+    with pytest.raises(GrinError, match="exceeds"):
+        model.add_adapter("other", GrinConfig(**too_many))
+    assert "other" not in model.peft_config and set(model.state_dict()) == names
+
+
 def test_torch_manual_seed_reproduces_an_adapter_and_an_explicit_seed_ignores_torch():
     fields = CASES[2][1]
     torch.manual_seed(7)
@@ -281,34 +300,35 @@ def test_training_updates_exactly_the_adapters_parameters(case):
     assert trainable and all(".grin_values.default" in n or ".modules_to_save.default." in n for n in trainable), (
         trainable
     )
-    assert all(p.numel() > 0 for n, p in model.named_parameters() if n in trainable)  # empty ones stay frozen
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for _ in range(2):
         out = output(model, example_input(kind))
         optimizer.zero_grad()
         out.float().pow(2).mean().backward()
+        # every trainable parameter is in the graph, also the empty values of a module the budget left without entries
+        assert all(p.grad is not None for n, p in model.named_parameters() if n in trainable)
         optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable
+    assert changed == {n for n in trainable if before[n].numel()}
 
 
-def test_a_module_left_without_entries_carries_no_trainable_parameter():
-    model = grin("mlp", {"target_modules": ["lin0", "lin1"], "num_entries": 1, "score": "magnitude"})
+def test_a_module_left_without_entries_gets_a_zero_gradient_and_changes_nothing():
+    fields = {"target_modules": ["lin0", "lin1"], "num_entries": 1, "score": "magnitude"}
+    model = grin("mlp", fields)
     counts = model.base_model.num_entries()
     assert sorted(counts.values()) == [0, 1]
-    empty = next(name for name, count in counts.items() if count == 0)
-    layer = model.base_model.model.get_submodule(empty)
-    assert not layer.grin_values["default"].requires_grad
-    for switch in (lambda: model.set_adapter("default"), lambda: model.base_model.enable_adapter_layers()):
-        switch()
-        assert not layer.grin_values["default"].requires_grad
-    # entries arriving later make it trainable, as PEFT asked
-    model.base_model.set_entries("default", {empty: torch.tensor([0, 3])})
-    assert layer.grin_values["default"].requires_grad
-    model.base_model.disable_adapter_layers()
-    model.base_model.set_entries("default", {empty: torch.tensor([1])})
-    assert not layer.grin_values["default"].requires_grad
+    empty = model.base_model.model.get_submodule(next(name for name, count in counts.items() if count == 0))
+    inputs = example_input("mlp")
+    with torch.no_grad():
+        expected = output(model, inputs)
+    out = output(model, inputs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert empty.grin_values["default"].grad is not None and empty.grin_values["default"].grad.numel() == 0
+    # entries arriving later (localize, re-localisation) train like any others
+    model.base_model.set_entries("default", {name: torch.tensor([0, 3]) for name in counts})
+    assert empty.grin_values["default"].requires_grad
 
 
 def test_ddp_trains_with_a_module_that_got_no_entries(tmp_path):
@@ -337,7 +357,7 @@ def test_ddp_trains_with_a_module_that_got_no_entries(tmp_path):
                 worker.kill()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert sorted(ranks[0]["entries"].values()) == [0, 1]
-    assert list(ranks[0]["trainable"].values()) == [1]
+    assert sorted(ranks[0]["trainable"].values()) == [0, 1]  # the empty values stay trainable and get a gradient
     initial = entries(grin("mlp", {"target_modules": ["lin0", "lin1"], "num_entries": 1, "score": "magnitude"}))
     for name, values in ranks[0]["values"].items():
         assert torch.equal(values, ranks[1]["values"][name]), name  # gradients were averaged across the ranks
