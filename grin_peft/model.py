@@ -162,6 +162,8 @@ class GrinModel(BaseTuner):
         already names a base (one copied from another adapter) must name this one: GRIN's fingerprint refusal.
         """
         config = self._own_config(adapter_name)
+        if config.seed is None:  # PEFT's convention: torch's RNG decides, and the draw is recorded
+            config.seed = int(torch.randint(2**31 - 1, ()))
         self._grin_prechecked = getattr(self, "_grin_prechecked", set())
         self._grin_prechecked.add(adapter_name)
         arch = architecture(model)
@@ -173,8 +175,6 @@ class GrinModel(BaseTuner):
                 self._check_base(model, config, arch, loading.resolve_level())
             config.base_model_fingerprint = fingerprint(model)
             config.base_model_architecture = arch
-            if config.seed is None:  # PEFT's convention: torch's RNG decides, and the draw is recorded
-                config.seed = int(torch.randint(2**31 - 1, ()))
             return
         self._grin_loading.add(adapter_name)
         if scope is None:
