@@ -232,7 +232,17 @@ class GrinConfig(PeftConfig):
             )
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for random selection and for the injected noise."})
+    seed: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Seed for random selection and for the injected noise. None (default): drawn from torch's global RNG "
+                "when the adapter is created (PEFT's convention: torch.manual_seed governs initialisation, and two "
+                "adapters added one after the other differ) and recorded in the adapter's config. An integer gives "
+                "the same selection and noise on the same base whatever torch's RNG state."
+            )
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -344,8 +354,8 @@ class GrinConfig(PeftConfig):
             raise GrinError(f"GrinConfig.relocalize_grow={self.relocalize_grow!r} must be a finite number > 0.")
         if not isinstance(self.relocalize_noise, bool):
             raise GrinError(f"GrinConfig.relocalize_noise={self.relocalize_noise!r} must be True or False.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise GrinError(f"GrinConfig.seed={self.seed!r} must be an integer.")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise GrinError(f"GrinConfig.seed={self.seed!r} must be an integer or None.")
         if (
             not isinstance(self.dense_threshold, (int, float))
             or isinstance(self.dense_threshold, bool)
@@ -353,7 +363,7 @@ class GrinConfig(PeftConfig):
         ):
             raise GrinError(f"GrinConfig.dense_threshold={self.dense_threshold!r} must be a number in [0, 1].")
         _validate_module_patterns(self)
-        if self.layers_pattern and not self.layers_to_transform:
+        if self.layers_pattern and self.layers_to_transform is None:
             raise GrinError("GrinConfig: layers_pattern only makes sense together with layers_to_transform.")
 
     @property
@@ -385,9 +395,20 @@ class GrinConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs):
-        """Refuse unknown fields in a saved config: a typo must not silently change what a delta means."""
+        """Read a saved config the way PEFT reads its own: an unknown field (written by a newer grin_peft) is ignored
+        with a warning, so old code can still load new deltas; a misspelt peft_type is refused.
+
+        What could make a delta unsafe stays strict elsewhere: every known field is validated (a bad value is a
+        GrinError), the file's tensors are checked against the base, and the fingerprint check level is never read
+        from the file. A config whose peft_type is another PEFT method is passed through untouched.
+        """
         import warnings
 
+        peft_type = kwargs.get("peft_type")
+        if isinstance(peft_type, str) and peft_type != GRIN_PEFT_TYPE.value and peft_type.strip().upper() != "GRIN":
+            return kwargs  # another method's config: PEFT's own rules apply
+        if peft_type is not None and str(peft_type) != GRIN_PEFT_TYPE.value:
+            raise GrinError(f"adapter_config.json: peft_type={peft_type!r}, a GRIN delta has peft_type 'GRIN'.")
         for name in RETIRED_FIELDS:
             if name in kwargs:
                 warnings.warn(
@@ -397,14 +418,16 @@ class GrinConfig(PeftConfig):
                     UserWarning,
                     stacklevel=2,
                 )
-        peft_type = kwargs.get("peft_type")
-        if str(peft_type) != GRIN_PEFT_TYPE.value:
-            raise GrinError(f"adapter_config.json: peft_type={peft_type!r}, a GRIN delta has peft_type 'GRIN'.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise GrinError(f"adapter_config.json has unknown GrinConfig field(s): {', '.join(unknown)}.")
-        return kwargs
+            warnings.warn(
+                f"adapter_config.json has GrinConfig field(s) this grin_peft does not know: {', '.join(unknown)}; "
+                "ignored (probably saved by a newer grin_peft: upgrade it to use them).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return {k: v for k, v in kwargs.items() if k in known}
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write adapter_config.json by rename, so an interrupted save never leaves a truncated config."""
@@ -427,6 +450,8 @@ class GrinConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load a saved config and remember where it came from, so the delta file can be checked before injection."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if not isinstance(config, GrinConfig):
+            return config  # another PEFT method's config
         hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "token", "cache_dir")}
         object.__setattr__(config, "_grin_source", (pretrained_model_name_or_path, subfolder, hub_kwargs))
         return config
@@ -518,15 +543,23 @@ def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class UnknownFieldError(GrinError, TypeError):
+    """An unknown GrinConfig keyword: a TypeError as Python (and PEFT's forward-compatibility code) expect for an
+    unexpected keyword argument, and a GrinError like every other bad input to grin_peft."""
+
+
 def _reject_unknown_fields(init):
-    """Turn dataclass's TypeError for an unknown keyword into a GrinError that names it."""
+    """Name an unknown keyword in Python's words, as an `UnknownFieldError`."""
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         known = {f.name for f in dataclasses.fields(GrinConfig)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise GrinError(f"GrinConfig got unknown field(s): {', '.join(unknown)}.")
+            raise UnknownFieldError(
+                f"GrinConfig.__init__() got an unexpected keyword argument {unknown[0]!r}"
+                + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+            )
         init(self, *args, **kwargs)
 
     return wrapper

@@ -133,10 +133,20 @@ class GrinLayer(BaseTunerLayer):
         """How many weight entries this adapter trains here."""
         return self.grin_values[adapter_name].numel() if adapter_name in self.grin_values else 0
 
+    def cast_grin_values(self, adapter_name: str, autocast: bool) -> None:
+        """The adapter's values in float32 for 16-bit bases (`autocast`, PEFT's default) or in the base weight's
+        dtype (PEFT's `autocast_adapter_dtype=False`); a float32 or float64 base keeps float32 values."""
+        param = self.grin_values[adapter_name]
+        dtype = self._grin_weight().dtype
+        dtype = torch.float32 if autocast or dtype not in (torch.float16, torch.bfloat16) else dtype
+        if param.dtype != dtype:
+            self.grin_values[adapter_name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+
     def set_grin_entries(
         self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None, module_name: str = ""
     ) -> None:
-        """Point the adapter at new entries: record the base values there and make `values` the trainable delta."""
+        """Point the adapter at new entries: record the base values there and make `values` the trainable delta (in
+        the dtype the adapter's values already have, see `cast_grin_values`)."""
         if adapter_name in self.merged_adapters:
             raise GrinError(
                 f"{module_name or type(self).__name__}: unmerge adapter '{adapter_name}' before changing its entries."
@@ -147,11 +157,12 @@ class GrinLayer(BaseTunerLayer):
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=weight.device)
         validate_entries(module_name or type(self).__name__, indices, values, self.grin_numel)
         old = self.grin_values.get(adapter_name)
+        dtype = old.dtype if old is not None else torch.float32
         requires_grad = old.requires_grad if old is not None else True
         self.grin_indices[adapter_name] = indices.to(index_dtype(self.grin_numel))
         self.grin_base_values[adapter_name] = weight.detach().reshape(-1)[indices.long()].clone()
         self.grin_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=weight.device, dtype=torch.float32).clone(), requires_grad=requires_grad
+            values.detach().to(device=weight.device, dtype=dtype).clone(), requires_grad=requires_grad
         )
         self._grin_patterns.pop(adapter_name, None)
 
@@ -204,7 +215,10 @@ class GrinLayer(BaseTunerLayer):
                 continue
             values = self.grin_values[adapter].detach()
             if not bool(torch.isfinite(values).all()):
-                raise GrinError(f"{name}: adapter '{adapter}' has NaN/Inf values; refusing to merge.")
+                raise GrinError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({name}: NaN/Inf "
+                    "values; nothing was merged)."
+                )
             idx = self.grin_indices[adapter].long()
             old = flat[idx].clone()
             # adapters merged together may overlap: later ones build on earlier ones' results
@@ -214,7 +228,10 @@ class GrinLayer(BaseTunerLayer):
                 old[hit] = other_new[pos[hit]]
             new = (old.float() + values.float()).to(weight.dtype)
             if safe_merge and not bool(torch.isfinite(new).all()):
-                raise GrinError(f"{name}: merging adapter '{adapter}' would produce NaN/Inf weights.")
+                raise GrinError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({name}: the "
+                    "merge would produce NaN/Inf weights; nothing was merged)."
+                )
             merged_so_far.append((idx, new))
             plan.append((adapter, idx, old, new))
         return plan
@@ -308,6 +325,18 @@ class GrinLayer(BaseTunerLayer):
             if adapter not in dense:
                 delta = sparse_delta_linear(x.to(result.dtype), self.grin_values[adapter], self._grin_pattern(adapter))
                 result = result + delta
+        return self._grin_join_empty(result)
+
+    def _grin_join_empty(self, result: torch.Tensor) -> torch.Tensor:
+        """Add 0 from each active adapter that has no entries here but trainable (empty) values, so they get a
+        (zero, empty) gradient: a trainable Parameter without one stops DDP at the next step ("Expected to have
+        finished reduction") and fails PEFT's training checks. Only while training; one elementwise add each."""
+        if not torch.is_grad_enabled():
+            return result
+        for adapter in self.active_adapters:
+            values = self.grin_values[adapter] if adapter in self.grin_values else None
+            if values is not None and values.numel() == 0 and values.requires_grad:
+                result = result + values.sum().to(result.dtype)
         return result
 
     def grow_grin_entries(

@@ -27,6 +27,7 @@ from .fingerprint import architecture, check_shapes, fingerprint, matches
 from .layer import GrinLayer, Linear, validate_entries
 from .localize.select import per_module_budgets, resolve_budget, select_global, select_per_module
 from .noise import module_generator, noise_values
+from .targeting import target_module_exists
 
 
 def _is_supported_base(module: nn.Module) -> bool:
@@ -146,13 +147,24 @@ class GrinModel(BaseTuner):
             peft_config.target_modules = "all-linear"
         return peft_config
 
+    def _own_config(self, adapter_name: str) -> GrinConfig:
+        """Give the adapter its own copy of the config it was created with: GRIN writes the base fingerprint and the
+        drawn seed into it, and the caller's config must stay reusable for other models (as with LoRA)."""
+        config = copy.deepcopy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
+        return config
+
     def _pre_injection_hook(self, model: nn.Module, config: GrinConfig, adapter_name: str) -> None:
         """Fingerprint a new base, or check a saved delta against this base before anything is wrapped.
 
         A load (a `PeftModel.from_pretrained`/`load_adapter` call, or a config from `GrinConfig.from_pretrained`)
         always reads the delta file once, verifies its checksum and consistency and checks it against this base; a
-        delta without a fingerprint is a load too, and needs the loader's explicit opt-in.
+        delta without a fingerprint is a load too, and needs the loader's explicit opt-in. A new adapter whose config
+        already names a base (one copied from another adapter) must name this one: GRIN's fingerprint refusal.
         """
+        config = self._own_config(adapter_name)
+        if config.seed is None:  # PEFT's convention: torch's RNG decides, and the draw is recorded
+            config.seed = int(torch.randint(2**31 - 1, ()))
         self._grin_prechecked = getattr(self, "_grin_prechecked", set())
         self._grin_prechecked.add(adapter_name)
         arch = architecture(model)
@@ -160,12 +172,10 @@ class GrinModel(BaseTuner):
         scope = loading.claim_scope(adapter_name)
         source = getattr(config, "_grin_source", None)
         if scope is None and source is None:
-            if config.base_model_fingerprint is None:  # a new adapter
-                config.base_model_fingerprint = fingerprint(model)
-                config.base_model_architecture = arch
-                return
-            self._grin_loading.add(adapter_name)  # a loaded config reused without its file
-            self._check_base(model, config, arch, loading.resolve_level())
+            if config.base_model_fingerprint is not None:
+                self._check_base(model, config, arch, loading.resolve_level())
+            config.base_model_fingerprint = fingerprint(model)
+            config.base_model_architecture = arch
             return
         self._grin_loading.add(adapter_name)
         if scope is None:
@@ -213,8 +223,9 @@ class GrinModel(BaseTuner):
             )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        """PEFT's injection; PEFT calls `_pre_injection_hook` only for the first adapter, so an adapter added later
-        (`add_adapter`, `load_adapter`) gets the same checks here, before anything is wrapped."""
+        """PEFT's injection, then GRIN's data-free selection. PEFT runs the injection hooks only when the tuner is
+        created, so an adapter added later (`add_adapter`, `load_adapter`) gets the same checks here, before anything
+        is wrapped, and its entries here too; a selection that fails removes the adapter again."""
         prechecked = getattr(self, "_grin_prechecked", set())
         if adapter_name in prechecked:
             prechecked.discard(adapter_name)
@@ -229,6 +240,22 @@ class GrinModel(BaseTuner):
             if isinstance(exc, GrinError) or "not found in the base model" not in str(exc):
                 raise
             raise GrinError(f"GRIN target_modules matched nothing in the model: {exc}") from exc
+        if adapter_name in self._grin_loading:  # a saved delta: its entries come from the file
+            self._grin_loading.discard(adapter_name)
+            return
+        config = self.peft_config[adapter_name]
+        if config.selects_at_injection:
+            try:
+                self.select_entries(adapter_name, self._data_free_score(config))
+            except Exception:
+                self._discard_adapter(self, adapter_name)
+                raise
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: GrinConfig, key: str) -> Any:
+        """PEFT's module matching with `layers_to_transform` applied to every form of target_modules
+        (`grin_peft.targeting`)."""
+        return target_module_exists(peft_config, key)
 
     def _create_and_replace(
         self,
@@ -253,13 +280,6 @@ class GrinModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def _post_injection_hook(self, model: nn.Module, config: GrinConfig, adapter_name: str) -> None:
-        if adapter_name in getattr(self, "_grin_loading", set()):
-            self._grin_loading.discard(adapter_name)
-            return
-        if config.selects_at_injection:
-            self.select_entries(adapter_name, self._data_free_score(config))
 
     # ---------------------------------------------------------------- selection
     def grin_layers(self, adapter_name: str | None = None) -> dict[str, GrinLayer]:
@@ -358,6 +378,13 @@ class GrinModel(BaseTuner):
         """Trained entries per module for an adapter (default: the active one)."""
         adapter_name = adapter_name or self.active_adapters[0]
         return {name: layer.grin_num_entries(adapter_name) for name, layer in self.grin_layers(adapter_name).items()}
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's `autocast_adapter_dtype` for GRIN: trained values in float32 on 16-bit bases (True, the default)
+        or in the base weight's dtype (False). The recorded base values keep the weight's dtype either way: they are
+        its exact entries."""
+        for layer in self.grin_layers(adapter_name).values():
+            layer.cast_grin_values(adapter_name, autocast_adapter_dtype)
 
     # ---------------------------------------------------------------- merging
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -111,8 +111,9 @@ def unlearn(
 ) -> UnlearnResult:
     """Make ``model`` forget ``forget`` while keeping ``retain``, by training a sparse GRIN delta.
 
-    1. Wrap: a base model gets ``get_peft_model(model, config or GrinConfig())`` (the model is modified in place, as
-       PEFT does; pass a copy to keep the original). A `PeftModel` whose active adapter is GRIN is used as it is.
+    1. Wrap: a base model gets ``get_peft_model(model, config or GrinConfig(seed=0))`` (the model is modified in
+       place, as PEFT does; pass a copy to keep the original). A `PeftModel` whose active adapter is GRIN is used
+       as it is.
     2. Localise: when ``config.score`` needs data (the default ``'gradient_ratio'``, and every score but
        ``'random'``/``'magnitude'``) and the adapter has no entries yet, ``model.localize(forget, retain,
        tokenizer=tokenizer, **localize_kwargs)`` scores entries, selects the budget and injects the noise.
@@ -134,8 +135,8 @@ def unlearn(
         forget, retain: lists (or `datasets.Dataset`) of ``{"question", "answer"}`` items (need ``tokenizer``) or of
             encoded examples (``input_ids``/``labels``). ``retain`` may be None only for objectives without a
             retain term and scores that do not read it.
-        config: the GRIN configuration for a base model; default ``GrinConfig()`` (gradient-ratio score, density
-            1e-3, see its fields). Not allowed with a `PeftModel`, which already has its config.
+        config: the GRIN configuration for a base model; default ``GrinConfig(seed=0)`` (gradient-ratio score,
+            density 1e-3, see its fields). Not allowed with a `PeftModel`, which already has its config.
         objective: the unlearning objective's name (default ``"npo"``: bounded, reference-anchored, the field's
             standard); with ``training_args`` it must agree with ``training_args.objective``.
         tokenizer: a tokenizer or a :class:`~grin_peft.data.QAFormat`, to encode raw items (chat template when the
@@ -208,7 +209,9 @@ def unlearn(
         for attempt, density in enumerate(densities):
             if attempt:
                 log(f"target missed at density {densities[attempt - 1]:.3g}: localising again at {density:.3g}")
-                retry = dataclasses.replace(copy.deepcopy(pristine) if pristine else GrinConfig(), density=density)
+                retry = dataclasses.replace(
+                    copy.deepcopy(pristine) if pristine else _default_config(), density=density
+                )
                 peft_model = get_peft_model(peft_model.unload(), retry)
             run = _Run(peft_model, wrapped, forget_items, retain_items, heldout_items, eval_items, qa_format)
             run.localize(localize_kwargs, localize_retain, verbose, point.seed if point else 0)
@@ -494,6 +497,12 @@ def _encoded(data: Any, name: str, qa_format: QAFormat | None) -> list[dict[str,
     return [{**example, "question": question} for example, question in zip(encoded, questions)]
 
 
+def _default_config() -> GrinConfig:
+    """``GrinConfig(seed=0)``: `unlearn` without a config is reproducible (a bare GrinConfig draws its seed from
+    torch's RNG, as PEFT adapters do)."""
+    return GrinConfig(seed=0)
+
+
 def _wrap(model: nn.Module, config: GrinConfig | None) -> tuple[PeftModel, bool]:
     """The GRIN `PeftModel` to train (``model`` itself, or ``model`` wrapped with ``config``), and whether it was
     wrapped here."""
@@ -507,4 +516,4 @@ def _wrap(model: nn.Module, config: GrinConfig | None) -> tuple[PeftModel, bool]
         raise GrinError(f"model must be a torch module or a PeftModel, got {type(model).__name__}.")
     if config is not None and not isinstance(config, GrinConfig):
         raise GrinError(f"config must be a GrinConfig, got {type(config).__name__}.")
-    return get_peft_model(model, config if config is not None else GrinConfig()), True
+    return get_peft_model(model, config if config is not None else _default_config()), True

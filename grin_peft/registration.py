@@ -37,12 +37,13 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from . import hub, loading
+    from . import hub, loading, saving
     from .config import GrinConfig
     from .model import GrinModel
 
     hub.install()
     loading.install()
+    saving.install()
     if GRIN_PEFT_TYPE in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     register_peft_method(name=GRIN_NAME, config_cls=GrinConfig, model_cls=GrinModel, prefix="grin_")

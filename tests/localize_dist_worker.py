@@ -64,8 +64,10 @@ def main(workdir: str, rank: int, world: int) -> None:
         model = planted_model()
         model.load_state_dict(state)
         unit = options.pop("grad_unit", None)
-        # eps pinned as in test_localize.grin(), so both sides use the same settings whatever the default
-        config = GrinConfig(target_modules="all-linear", **{"eps": 0.01, **options})
+        # eps and seed pinned as in test_localize.grin(), so both sides use the same settings whatever the default;
+        # torch's RNG differs per rank, so a config with seed=None draws a different seed on each
+        config = GrinConfig(target_modules="all-linear", **{"eps": 0.01, "seed": 0, **options})
+        torch.manual_seed(1000 + rank)
         if unit is not None:
             config.grad_unit = unit
         peft_model = get_peft_model(model, config)

@@ -336,6 +336,9 @@ def localize(
     start = time.perf_counter()
     config, layers, k = _check_adapter(tuner, adapter_name)
     scores = _scores(tuner, config, layers, forget, retain, tokenizer, batch_size, max_batches, progress, group)
+    if scores.world.size > 1:  # every rank writes rank 0's noise (a seed drawn from torch's RNG can differ per rank)
+        device = next(iter(layers.values()))._grin_weight().device
+        config.seed = int(scores.world.all_gather(torch.tensor([config.seed], device=device))[0])
     timings = dict(scores.timings)
     t0 = time.perf_counter()
     selected = tuner.select_entries(adapter_name, scores.scorer.score)
