@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -21,7 +22,7 @@ from ..errors import GrinError
 from .multiple_choice import WMDP_SUBJECTS
 from .passes import inference
 
-LM_EVAL_REQUIREMENT = "lm-eval>=0.4.9,<0.5"  # keep in step with setup.cfg's [lm-eval] extra
+LM_EVAL_REQUIREMENT = "lm-eval>=0.4.13,<0.5"  # the tested range; keep in step with setup.cfg's [lm-eval] extra
 
 
 def _require_lm_eval() -> Any:
@@ -32,7 +33,7 @@ def _require_lm_eval() -> Any:
             f"lm-evaluation-harness is not installed: pip install 'grin-peft[lm-eval]' ({LM_EVAL_REQUIREMENT})."
         ) from None
     version = metadata.version("lm-eval")
-    if not version.startswith("0.4."):
+    if version not in SpecifierSet(LM_EVAL_REQUIREMENT.removeprefix("lm-eval")):
         raise GrinError(f"lm-eval {version} is untested here; grin_peft needs {LM_EVAL_REQUIREMENT}.")
     return lm_eval
 
