@@ -8,6 +8,7 @@ local JSON Lines files of ``{question, choices, answer}`` items, which become lm
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -36,6 +37,14 @@ def _require_lm_eval() -> Any:
     if version not in SpecifierSet(LM_EVAL_REQUIREMENT.removeprefix("lm-eval")):
         raise GrinError(f"lm-eval {version} is untested here; grin_peft needs {LM_EVAL_REQUIREMENT}.")
     return lm_eval
+
+
+@functools.cache
+def _task_manager() -> Any:
+    """lm-eval's task index (it reads every bundled task file, seconds), built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
 
 
 def _subject(path: Path) -> str | None:
@@ -111,7 +120,6 @@ def lm_eval(
     """
     lm = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise GrinError(f"lm_eval needs a Hugging Face tokenizer; got {type(tokenizer).__name__}.")
@@ -127,7 +135,7 @@ def lm_eval(
                 log_samples=log_samples,
                 apply_chat_template=apply_chat_template,
                 system_instruction=system_instruction,
-                task_manager=TaskManager(),
+                task_manager=_task_manager(),
                 bootstrap_iters=0,
             )
         except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
