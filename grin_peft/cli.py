@@ -174,9 +174,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         point = False
     else:
         point = _operating_point(args)
+    main_process = _join_process_group()
     model, tokenizer = _load_model(args.model)
     fmt = _qa_format(args, tokenizer)
-    with _atomic_output(args.output) as work, warnings.catch_warnings():
+    output = _atomic_output(args.output) if main_process else contextlib.nullcontext()
+    with output as work, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the unlearning target was not reached")  # said below instead
         result = unlearn(
             model,
@@ -190,8 +192,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
             disable_tqdm=True,
+            verbose=main_process,
             **schedule,
         )
+        if not main_process:  # the other ranks trained the same delta; the main process reports and writes it
+            return 0
         print(_before_after(result))
         if result.target_met is False and not args.allow_partial:
             raise _fail(
@@ -213,6 +218,21 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         result.peft_model.push_to_hub(args.push_to_hub)
         print(f"pushed to {args.push_to_hub}")
     return 0
+
+
+def _join_process_group() -> bool:
+    """Under a multi-process launcher (``accelerate launch --multi_gpu``, ``torchrun``), join the process group
+    before localising, so the scoring passes are dealt over the ranks; without a GPU the group is CPU/gloo (the
+    Trainer then follows ``ACCELERATE_USE_CPU``). Returns whether this is the process that reports and writes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return PartialState(cpu=cpu).is_main_process
 
 
 def _operating_point(args: argparse.Namespace):
