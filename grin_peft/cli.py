@@ -34,6 +34,9 @@ EPILOG = """examples:
   grin-peft merge --model ./my-model --delta delta/ --output merged/
   grin-peft revert --model merged/ --delta delta/ --output restored/
   grin-peft eval --model ./my-model --delta delta/ --data forget.jsonl --json scores.json
+  grin-peft unlearn --model Qwen/Qwen2.5-0.5B-Instruct --chat --system-prompt "You are a helpful assistant." \
+      --forget forget.jsonl --retain retain.jsonl --output delta/
+  grin-peft eval --model ./my-model --delta delta/ --lm-eval wmdp_bio,mmlu,../shared/data/wmdp/wmdp-chem.jsonl
 
 Data files are JSON Lines with one {"question": ..., "answer": ...} object per line (TOFU's field names), or a
 Hub dataset id. Models are local directories or Hub ids.
@@ -126,6 +129,38 @@ def _load_model(name: str):
     return model, tokenizer
 
 
+def _add_format_flags(p: argparse.ArgumentParser) -> None:
+    """--template, --chat/--no-chat, --system-prompt: how a question and its answer become tokens (QAFormat)."""
+    p.add_argument(
+        "--template",
+        help="plain-text layout with {question} and {answer} (default 'Question: {question}\\nAnswer: {answer}'); "
+        "only without a chat template",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lay examples out with the tokenizer's chat template (default: when the tokenizer has one)",
+    )
+    p.add_argument("--system-prompt", help="system message before each question (chat layout only)")
+
+
+def _qa_format(args: argparse.Namespace, tokenizer):
+    """The QAFormat the flags ask for; a flag that the resolved layout would ignore is an error, not a no-op."""
+    from .data import DEFAULT_TEMPLATE, QAFormat
+
+    # a shell hands "\n" over as backslash-n: read it as the newline it means
+    template = args.template.replace("\\n", "\n") if args.template else DEFAULT_TEMPLATE
+    fmt = QAFormat(tokenizer, template=template, chat=args.chat, system_prompt=args.system_prompt)
+    if args.template and fmt.chat:
+        raise _fail("--template lays out plain text, but the chat template is in use; add --no-chat to use it.")
+    if args.system_prompt and not fmt.chat:
+        raise _fail(
+            "--system-prompt needs the chat layout: the tokenizer has no chat template, or --no-chat was given."
+        )
+    return fmt
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .config import GrinConfig
     from .pipeline import unlearn
@@ -151,8 +186,11 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         point = False
     else:
         point = _operating_point(args)
+    main_process = _join_process_group()
     model, tokenizer = _load_model(args.model)
-    with _atomic_output(args.output) as work, warnings.catch_warnings():
+    fmt = _qa_format(args, tokenizer)
+    output = _atomic_output(args.output) if main_process else contextlib.nullcontext()
+    with output as work, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="the unlearning target was not reached")  # said below instead
         result = unlearn(
             model,
@@ -160,14 +198,17 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             retain,
             config=config,
             objective=args.objective,
-            tokenizer=tokenizer,
+            tokenizer=fmt,
             refusals=refusals,
             operating_point=point,
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
             disable_tqdm=True,
+            verbose=main_process,
             **schedule,
         )
+        if not main_process:  # the other ranks trained the same delta; the main process reports and writes it
+            return 0
         print(_before_after(result))
         if result.target_met is False and not args.allow_partial:
             raise _fail(
@@ -217,6 +258,21 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.expected_sha256 is not None:
         options["expected_sha256"] = args.expected_sha256
     return options
+
+
+def _join_process_group() -> bool:
+    """Under a multi-process launcher (``accelerate launch --multi_gpu``, ``torchrun``), join the process group
+    before localising, so the scoring passes are dealt over the ranks; without a GPU the group is CPU/gloo (the
+    Trainer then follows ``ACCELERATE_USE_CPU``). Returns whether this is the process that reports and writes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return PartialState(cpu=cpu).is_main_process
 
 
 def _operating_point(args: argparse.Namespace):
@@ -295,27 +351,48 @@ def cmd_revert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate_qa
 
-    items = _read_items(args.data, "data")
+    if not args.data and not args.lm_eval:
+        raise _fail("nothing to evaluate: give --data, --lm-eval, or both.")
+    items = _read_items(args.data, "data") if args.data else None
     if args.delta:
         _check_grin_delta(args.delta)
     model, tokenizer = _load_model(args.model)
+    fmt = _qa_format(args, tokenizer)
     if args.delta:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.delta, **_load_options(args))
-    result = evaluate_qa(
-        model,
-        tokenizer,
-        items,
-        truth_ratio_form=args.truth_ratio_form,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-    )
-    print("| metric | value |\n|---|---|")
-    for key, value in result["summary"].items():
-        print(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    report: dict[str, Any] = {}
+    if items is not None:
+        report = evaluate_qa(
+            model,
+            fmt,
+            items,
+            truth_ratio_form=args.truth_ratio_form,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+        print("| metric | value |\n|---|---|")
+        for key, value in report["summary"].items():
+            print(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    if args.lm_eval:
+        from .metrics import lm_eval
+
+        # lm-eval's own default is plain text: its chat template only on an explicit --chat
+        harness = lm_eval(
+            model,
+            tokenizer,
+            args.lm_eval,
+            batch_size=args.batch_size,
+            apply_chat_template=args.chat is True,
+            system_instruction=args.system_prompt,
+        )
+        report["lm_eval"] = harness["results"]
+        print("| lm-eval task | acc |\n|---|---|")
+        for task, values in harness["results"].items():
+            print(f"| {task} | {values.get('acc,none', 'n/a')} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
         print(f"per-item results written to {args.json}")
     return 0
 
@@ -395,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
+    _add_format_flags(p)
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("merge", help="merge a delta into its base model for deployment")
@@ -412,15 +490,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-sha256", metavar="DIGEST", help=PIN_HELP)
     p.set_defaults(func=cmd_revert)
 
-    p = sub.add_parser("eval", help="answer probability, ROUGE-L, truth ratio and more on a QA set")
+    p = sub.add_parser("eval", help="answer probability, ROUGE-L, truth ratio and more on a QA set; lm-eval tasks")
     p.add_argument("--model", required=True, help="model directory or Hub id")
     p.add_argument("--delta", help="optional GRIN delta to apply")
-    p.add_argument("--data", required=True, help="JSON Lines file (question/answer[/perturbed_answer]) or Hub id")
+    p.add_argument("--data", help="JSON Lines file (question/answer[/perturbed_answer]) or Hub id")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also run lm-evaluation-harness (pip install 'grin-peft[lm-eval]') on the model in memory: "
+        "comma-separated task names (wmdp_bio,mmlu) or local multiple-choice .jsonl files in WMDP's layout",
+    )
     p.add_argument("--truth-ratio-form", choices=("forget", "retain"), default="retain")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="also write every per-item number here")
     _add_load_flags(p)
+    _add_format_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the whole pipeline on invented data, offline, in a few minutes on a CPU")

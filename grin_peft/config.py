@@ -11,7 +11,7 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from .errors import GrinError
-from .registration import GRIN_PEFT_TYPE
+from .peft_type import GRIN_PEFT_TYPE
 
 SCORES = (
     "gradient_ratio",

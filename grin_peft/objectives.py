@@ -1,6 +1,7 @@
 """Unlearning losses on causal-LM logits, and a registry of them by name.
 
-Everything here is a pure function of tensors. The trainer runs the model (and the reference, i.e. the same model
+Everything here is a pure function of tensors (token means under data-parallel training also read the other
+processes' token counts, see :func:`token_count`). The trainer runs the model (and the reference, i.e. the same model
 with its adapter disabled, under ``torch.no_grad``) and hands the results over in an :class:`ObjectiveInputs`; each
 objective declares in :attr:`UnlearningObjective.requirements` which of those tensors it reads, so the trainer runs
 no forward pass it does not need.
@@ -25,6 +26,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -48,6 +50,7 @@ __all__ = [
     "get_objective",
     "kl_to_reference",
     "sequence_nll",
+    "token_count",
 ]
 
 
@@ -108,6 +111,25 @@ def sequence_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Ten
     return sums if reduction == "sum" else sums / counts
 
 
+def token_count(mask: Tensor) -> Tensor:
+    """The denominator of a token mean: ``mask.sum()``, or under data-parallel training (torch.distributed set up,
+    gradients on) the mean of it over the processes.
+
+    DDP averages the processes' gradients, so each process dividing its token sum by the mean count makes the
+    average exactly the token mean over the global batch, what one process with the whole batch computes. With
+    each process's own count instead, two processes would weigh their halves equally whatever their lengths.
+    """
+    count = mask.sum()
+    if not (torch.is_grad_enabled() and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return count
+    total = count.detach().float()
+    torch.distributed.all_reduce(total)
+    return total / world
+
+
 def batch_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean NLL over every answer token of the batch (a scalar): a Hugging Face causal LM's own ``loss``.
 
@@ -115,7 +137,7 @@ def batch_nll(logits: Tensor, labels: Tensor) -> Tensor:
     whole batch has no answer token, since then there is nothing to average.
     """
     nll, mask = _token_nll(logits, labels)
-    n_tokens = mask.sum()
+    n_tokens = token_count(mask)
     if n_tokens == 0:
         raise GrinError(f"the batch has no answer token: every label is {IGNORE_INDEX} after the causal shift.")
     return nll.sum() / n_tokens
@@ -141,7 +163,7 @@ def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tenso
     # Select answer positions before the log-softmax: it is the memory-heavy [tokens, vocab] step.
     log_p = F.log_softmax(shift_logits[mask], dim=-1)
     log_p_ref = F.log_softmax(ref_logits[:, :-1].float()[mask], dim=-1)
-    return F.kl_div(log_p, log_p_ref, reduction="sum", log_target=True) / mask.sum()
+    return F.kl_div(log_p, log_p_ref, reduction="sum", log_target=True) / token_count(mask)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Make "GRIN" a PEFT method: extend PEFT's closed `PeftType` enum, then register config and tuner.
+"""Make "GRIN" a PEFT method: register config and tuner for the `PeftType` member `peft_type` adds.
 
 PEFT has no plugin discovery, so `import grin_peft` must run before `PeftModel.from_pretrained` meets
 `"peft_type": "GRIN"`. Importing twice, or in a process where another copy already registered GRIN, is harmless.
@@ -6,30 +6,9 @@ PEFT has no plugin discovery, so `import grin_peft` must run before `PeftModel.f
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType
+from .peft_type import GRIN_NAME, GRIN_PEFT_TYPE
 
-GRIN_NAME = "grin"
-
-
-def _extend_peft_type(name: str) -> PeftType:
-    """Add `name` to the `str`-valued enum the way `enum` itself builds members, once."""
-    existing = PeftType._member_map_.get(name)
-    if existing is not None:
-        return existing
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    member.__objclass__ = PeftType
-    member.__init__(name)
-    # setattr before the member map so the enum's guard against reassigning members does not fire
-    type.__setattr__(PeftType, name, member)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    return member
-
-
-GRIN_PEFT_TYPE = _extend_peft_type(GRIN_NAME.upper())
+__all__ = ["GRIN_PEFT_TYPE", "register"]
 
 
 def register() -> None:

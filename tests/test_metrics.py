@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 import zlib
 
 import pytest
@@ -96,10 +95,10 @@ def trained(tokenizer) -> torch.nn.Module:
 # -------------------------------------------------------------------------------------------------- strings
 
 
-def test_rouge_tokenize_matches_rouge_score_default():
+def test_rouge_tokenize_is_rouge_scores_tokenizer():
     assert M.rouge_tokenize("The Cat-sat, on 2 MATS!") == ["the", "cat", "sat", "on", "2", "mats"]
     assert M.rouge_tokenize("Skármeta") == ["sk", "rmeta"]  # rouge_score drops non-ASCII letters too
-    assert M.rouge_tokenize("running dogs", stemmer=lambda t: t[:3]) == ["run", "dog"]
+    assert M.rouge_tokenize("running dogs", stem=True) == ["run", "dog"]  # Porter, on tokens of 4+ characters
 
 
 def test_rouge_l_recall_hand_values():
@@ -113,19 +112,10 @@ def test_rouge_l_recall_hand_values():
     assert M.rouge_l_recall("b a", "a b c") == pytest.approx(1 / 3)
 
 
-def test_lcs_matches_dynamic_programming():
-    def dp(a, b):
-        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-        for i, x in enumerate(a):
-            for j, y in enumerate(b):
-                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
-        return table[-1][-1]
-
-    rng = random.Random(0)
-    for _ in range(300):
-        a = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
-        b = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
-        assert M.lcs_length(a, b) == dp(a, b)
+def test_rouge_l_recall_stems_like_open_unlearning():
+    # The example: stemmed, every reference token is matched; unstemmed (opt-in), none is.
+    assert M.rouge_l_recall("study showed connected", "Studies show connections") == 1.0
+    assert M.rouge_l_recall("study showed connected", "Studies show connections", stem=False) == 0.0
 
 
 def test_keywords_drop_stopwords_and_question_words():
@@ -141,8 +131,7 @@ def test_keyword_accuracy():
     assert M.keyword_accuracy("Her name is Hsiao Wang.", ["hsiao", "yun", "hwa"]) == pytest.approx(1 / 3)
     assert M.keyword_accuracy("It was hsiao YUN-HWA", ["Hsiao Yun-Hwa"]) == 1.0
     assert M.keyword_accuracy("nothing", ["Paris"]) == 0.0
-    with pytest.raises(GrinError, match="keyword"):
-        M.keyword_accuracy("text", ["..."])
+    assert M.keyword_accuracy("text", ["...", "!"]) is None  # no keyword token: undefined, not an error
 
 
 def test_refusal_keyword_scorer():
@@ -185,8 +174,9 @@ def test_privleak():
     assert M.privleak(0.9) == pytest.approx(-80.0)
     assert M.privleak(0.5) == pytest.approx(0.0)
     assert M.privleak(0.3, reference_auc=0.4) == pytest.approx((0.7 - 0.6) / 0.6 * 100)
+    assert M.privleak(0.5, reference_auc=1.0) == pytest.approx(0.5 / 1e-10 * 100)  # open-unlearning's 1e-10 guard
     with pytest.raises(GrinError, match="AUC"):
-        M.privleak(0.5, reference_auc=1.0)
+        M.privleak(1.5)
 
 
 def test_truth_ratio_formulas():
@@ -202,11 +192,20 @@ def test_truth_ratio_formulas():
         M.truth_ratios([0.1], [[]])
 
 
+def test_ratios_give_open_unlearnings_number_where_probabilities_underflow():
+    # exp(-800) underflows to 0: open-unlearning's 1e-10 guards turn that into numbers, not errors.
+    assert M.truth_ratios([800.0], [[1.0] * 5]) == [pytest.approx(math.exp(-1) / 1e-10)]
+    assert M.normalized_probability(800.0, [800.0, 900.0, 750.0]) == 0.0
+    assert M.aggregate_truth_ratio([0.0, 1.0], "forget") == pytest.approx(0.5)
+    assert M.aggregate_truth_ratio([0.0, 1e300], "forget") == pytest.approx(0.0)
+
+
 def test_mia_scores_on_hand_built_vectors():
     logprobs = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0])
     assert M.mink_score(logprobs, k=0.4) == pytest.approx(4.5)  # mean NLL of the 2 least likely tokens
     assert M.mink_score(logprobs, k=0.1) == pytest.approx(5.0)  # never fewer than one token
     assert M.mink_score(logprobs, k=1.0) == pytest.approx(3.0)
+    assert M.mink_score(torch.tensor([]), k=0.4) == 0.0  # no tokens: open-unlearning's 0
     with pytest.raises(GrinError, match="k"):
         M.mink_score(logprobs, k=0.0)
     # z = [(-1 + 1.5) / 0.5, (-2 + 1.5) / 1] = [1, -0.5]; the lowest one is -0.5.
@@ -214,7 +213,7 @@ def test_mia_scores_on_hand_built_vectors():
         torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.5]), torch.tensor([0.25, 1.0]), k=0.5
     )
     assert z_score == pytest.approx(0.5)
-    assert M.zlib_score(torch.tensor([-2.0, -2.0]), "abc") == pytest.approx(2.0 / len(zlib.compress(b"abc")))
+    assert M.zlib_score(2.0, "abc") == pytest.approx(2.0 / len(zlib.compress(b"abc")))
 
 
 def test_exact_memorization_and_extraction_strength():
@@ -223,7 +222,10 @@ def test_exact_memorization_and_extraction_strength():
     assert M.extraction_strength(hits) == 0.5  # teacher-forcing 2 tokens makes the rest come out
     assert M.extraction_strength(torch.tensor([True, True, True])) == 1.0
     assert M.extraction_strength(torch.tensor([False, True, True])) == pytest.approx(2 / 3)
-    assert M.extraction_strength(torch.tensor([True, True, False])) == 0.0
+    # No prefix makes the rest come out: open-unlearning's loop stops at k = n - 1, so 1/n rather than 0.
+    assert M.extraction_strength(torch.tensor([True, True, False])) == pytest.approx(1 / 3)
+    assert M.extraction_strength(torch.tensor([], dtype=torch.bool)) == 0.0
+    assert M.exact_memorization(torch.tensor([], dtype=torch.bool)) is None
 
 
 # -------------------------------------------------------------------------------------------- model passes
@@ -305,6 +307,17 @@ def test_keyword_confidence_averages_keyword_token_probabilities(tokenizer):
     assert M.keyword_confidence(fmt, scores, ["france"]) == pytest.approx((0.3 + 0.4 + 0.5) / 3)
     assert M.keyword_confidence(fmt, scores, ["Paris France"]) == pytest.approx((0.1 + 0.3 + 0.4 + 0.5) / 4)
     assert M.keyword_confidence(fmt, scores, ["london"]) is None
+    assert M.keyword_confidence(fmt, scores, ["..."]) is None
+
+
+def test_keyword_tokens_stay_aligned_when_lowercasing_lengthens_the_text(tokenizer):
+    # "İ".lower() is two characters; the keyword "paris" must still mark exactly the tokens spelling "Paris".
+    fmt = QAFormat(tokenizer)
+    ids = [t for t in fmt.encode("Where?", "İİİİ Paris is here.")["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(ids[9]) == " Paris"  # after a leading space and eight byte pieces of "İİİİ"
+    probs = torch.linspace(0.05, 0.95, len(ids))
+    scores = M.AnswerScores(token_ids=ids, logprobs=probs.log(), hits=torch.ones(len(ids), dtype=torch.bool))
+    assert M.keyword_confidence(fmt, scores, ["paris"]) == pytest.approx(probs[9].item())
 
 
 def test_evaluate_qa_on_a_memorised_model(trained, tokenizer):
