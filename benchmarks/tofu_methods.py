@@ -9,7 +9,9 @@
   full-parameter NPO, LoRA r=8 NPO, GRIN at each ``--densities`` budget, a random mask (and any other
   ``--mask-scores`` selector) of the same size at each density, and one "auto" run per seed
   (``grin_peft.unlearn`` with no learning rate or epochs). Every family has its own learning-rate grid
-  (:func:`grid_for`).
+  (:func:`grid_for`). ``--objectives npo,ihl`` repeats every family but the auto run per objective, and ``--fila``
+  adds FILA-initialised LoRA r=8 (:mod:`grin_peft.fila`) on the LoRA grid: with IHL, that is LoKU (BENCHMARKS.md
+  section 7).
 
 Learning-rate grids of the frontier benchmark (``--grid-full``, ``--grid-lora``, ``--grid-mask``). A grid must
 bracket the rates at which a family crosses the forget target within ``--epochs``; all its checkpoints join the
