@@ -290,6 +290,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"Selectors run at every density beside GRIN, on its grid (of {', '.join(SCORE_LABELS)}; 'none').",
     )
     f.add_argument(
+        "--objectives",
+        type=_names,
+        default=["npo"],
+        help="Objectives: every family but the auto run, once per objective (default npo; e.g. npo,ihl).",
+    )
+    f.add_argument(
+        "--fila",
+        action="store_true",
+        help="Add FILA-initialised LoRA r=8 per objective, on the LoRA grid (with ihl: LoKU, BENCHMARKS.md §9).",
+    )
+    f.add_argument(
         "--utility",
         choices=("operating", "none"),
         default="operating",

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -252,10 +253,12 @@ class Method:
     """One row of a benchmark table: how the model is adapted and trained.
 
     ``kind``: ``"none"`` (evaluate as is), ``"full"`` (all weights trained; reference = a frozen copy), ``"lora"``
-    (PEFT LoRA), ``"grin"`` (a GRIN sparse delta, ``grin`` holds GrinConfig fields), ``"ssd"`` (selective synaptic
-    dampening, no training), ``"auto"`` (``grin_peft.unlearn`` with its own defaults: no learning rate, epochs,
-    config or objective given). ``objective`` and ``lr`` feed :class:`UnlearningArguments`; ``seed``, when set,
-    replaces the shared training seed.
+    (PEFT LoRA), ``"fila"`` (PEFT LoRA initialised by :func:`grin_peft.fila.fila_initialize` from the forget and
+    localisation-retain data; reference = a frozen copy of the original), ``"grin"`` (a GRIN sparse delta,
+    ``grin`` holds GrinConfig fields), ``"ssd"`` (selective synaptic dampening, no training), ``"auto"``
+    (``grin_peft.unlearn`` with its own defaults: no learning rate, epochs, config or objective given).
+    ``objective`` and ``lr`` feed :class:`UnlearningArguments`; ``seed``, when set, replaces the shared training
+    seed.
     """
 
     name: str
@@ -353,9 +356,13 @@ def run_method(
 
         ref_model = make_base  # a frozen second copy, built only when the objective reads a reference
         trained: nn.Module = model
-    elif method.kind == "lora":
+    elif method.kind in ("lora", "fila"):
         options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **method.lora}
         trained = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
+        if method.kind == "fila":  # LoKU's adapter: FILA moves base weights, so keep the original as reference
+            info.update(fila_init(trained, method, forget, retain if localize_retain is None else localize_retain,
+                                  qa_format, localize_batch_size, workdir))  # fmt: skip
+            ref_model = make_base
     elif method.kind == "grin":
         trained = get_peft_model(model, GrinConfig(**method.grin))
         if not trained.peft_config["default"].selects_at_injection:
@@ -393,7 +400,7 @@ def run_method(
         forget,
         retain,
         qa_format=qa_format,
-        ref_model=ref_model if method.kind == "full" else None,
+        ref_model=ref_model,
         callbacks=list(callbacks),
     )
     from transformers.trainer_callback import PrinterCallback
@@ -408,6 +415,32 @@ def run_method(
     info["wall_seconds"] = time.perf_counter() - started
     trained.eval()
     return trained, info
+
+
+def fila_init(
+    model: nn.Module,
+    method: Method,
+    forget: Sequence[Mapping[str, Any]],
+    retain: Sequence[Mapping[str, Any]],
+    qa_format: QAFormat,
+    batch_size: int,
+    workdir: str,
+) -> dict[str, Any]:
+    """FILA on a fresh LoRA model; saves the initial adapter, which ``save_pretrained`` needs to write a plain LoRA
+    adapter for the original base (``path_initial_model_for_weight_conversion``)."""
+    from grin_peft.fila import fila_initialize
+
+    t0 = time.perf_counter()
+    report = fila_initialize(model, forget, retain, tokenizer=qa_format, batch_size=batch_size, progress=False)
+    seconds = time.perf_counter() - t0
+    initial = Path(workdir) / f"fila-{re.sub(r'[^A-Za-z0-9.=-]+', '_', method.name)}" / "fila-initial"
+    with quiet_transformers():
+        model.save_pretrained(initial)
+    shares = sorted(m.weighted_captured for m in report.modules)
+    return {
+        "fila_initial": str(initial),
+        "fila": {"data": report.data, "weighted_captured_median": shares[len(shares) // 2], "seconds": seconds},
+    }
 
 
 # the training settings the controller-driven "auto" row shares with the other rows; it picks the rest itself

@@ -41,7 +41,7 @@ def frontier_settings(
         "regime": args.regime[0] if len(args.regime) == 1 else None,
         "authors": args.authors,
         "train": train,
-        "objective": "npo",
+        "objective": ",".join(args.objectives),
         "frontier_at": args.frontier_at,
         "eval_every": args.eval_every_amount,
         "eval_unit": args.eval_unit,

@@ -9,7 +9,9 @@
   full-parameter NPO, LoRA r=8 NPO, GRIN at each ``--densities`` budget, a random mask (and any other
   ``--mask-scores`` selector) of the same size at each density, and one "auto" run per seed
   (``grin_peft.unlearn`` with no learning rate or epochs). Every family has its own learning-rate grid
-  (:func:`grid_for`).
+  (:func:`grid_for`). ``--objectives npo,ihl`` repeats every family but the auto run per objective, and ``--fila``
+  adds FILA-initialised LoRA r=8 (:mod:`grin_peft.fila`) on the LoRA grid: with IHL, that is LoKU (BENCHMARKS.md
+  section 7).
 
 Learning-rate grids of the frontier benchmark (``--grid-full``, ``--grid-lora``, ``--grid-mask``). A grid must
 bracket the rates at which a family crosses the forget target within ``--epochs``; all its checkpoints join the
@@ -53,6 +55,8 @@ MASK_GRID_BANDS: tuple[tuple[float, tuple[float, ...]], ...] = (
     (1.0, (3e-4, 1e-3, 3e-3, 1e-2)),
 )
 AUTO_FAMILY = "auto (unlearn defaults)"
+# how family names spell the frontier's objectives (``--objectives``)
+OBJECTIVE_LABELS = {"npo": "NPO", "ihl": "IHL", "grad_diff": "GradDiff", "simnpo": "SimNPO"}
 
 
 def budget_label(density: float) -> str:
@@ -185,28 +189,54 @@ def grid_for(density: float, overrides: dict[float | None, list[float]]) -> list
     return next((list(rates) for top, rates in MASK_GRID_BANDS if density <= top), list(MASK_GRID_BANDS[-1][1]))
 
 
+def objective_label(objective: str) -> str:
+    return OBJECTIVE_LABELS.get(objective, objective)
+
+
+def fila_family(objective: str) -> str:
+    """LoKU is FILA-initialised LoRA trained with IHL; FILA with another objective is named as such."""
+    label = objective_label(objective)
+    return "LoKU (FILA LoRA r=8 IHL)" if objective == "ihl" else f"FILA LoRA r=8 {label}"
+
+
 def frontier_families(args: Any) -> list[dict[str, Any]]:
     """The frontier benchmark's method families, in report order: ``{"family", "kind", "density", "score",
-    "grid"}`` (``grid`` None for the auto run, which picks its own rate)."""
+    "grid", "objective"}`` (``grid`` None for the auto run, which picks its own rate). Every family but the auto run
+    exists once per ``--objectives`` entry (default NPO alone); ``--fila`` adds FILA-initialised LoRA r=8 on the
+    LoRA grid (LoKU with IHL)."""
     overrides = parse_mask_grids(args.grid_mask)
     trim = (lambda grid: list(grid)[-2:]) if args.smoke else list  # smoke: the two largest rates of each grid
+    objectives = getattr(args, "objectives", None) or ["npo"]
     families = [
-        {"family": AUTO_FAMILY, "kind": "auto", "density": None, "score": None, "grid": None},
-        {"family": "full NPO", "kind": "full", "density": 1.0, "score": None, "grid": trim(args.grid_full)},
-        {"family": "LoRA r=8 NPO", "kind": "lora", "density": None, "score": None, "grid": trim(args.grid_lora)},
+        {"family": AUTO_FAMILY, "kind": "auto", "density": None, "score": None, "grid": None, "objective": None}
     ]
+    for obj in objectives:
+        label = objective_label(obj)
+        families += [
+            {"family": f"full {label}", "kind": "full", "density": 1.0, "score": None, "grid": trim(args.grid_full),
+             "objective": obj},
+            {"family": f"LoRA r=8 {label}", "kind": "lora", "density": None, "score": None,
+             "grid": trim(args.grid_lora), "objective": obj},
+        ]  # fmt: skip
+        if getattr(args, "fila", False):
+            families.append(
+                {"family": fila_family(obj), "kind": "fila", "density": None, "score": None,
+                 "grid": trim(args.grid_lora), "objective": obj}
+            )  # fmt: skip
     for density in args.densities:
         grid = trim(grid_for(density, overrides))
         budget = budget_label(density)
-        families.append(
-            {"family": f"GRIN {budget} NPO", "kind": "grin", "density": density, "score": "gradient_ratio",
-             "grid": grid}
-        )  # fmt: skip
-        for score in args.mask_scores:
+        for obj in objectives:
+            label = objective_label(obj)
             families.append(
-                {"family": f"mask {budget} {SCORE_LABELS[score]} NPO", "kind": "grin", "density": density,
-                 "score": score, "grid": grid}
+                {"family": f"GRIN {budget} {label}", "kind": "grin", "density": density, "score": "gradient_ratio",
+                 "grid": grid, "objective": obj}
             )  # fmt: skip
+            for score in args.mask_scores:
+                families.append(
+                    {"family": f"mask {budget} {SCORE_LABELS[score]} {label}", "kind": "grin", "density": density,
+                     "score": score, "grid": grid, "objective": obj}
+                )  # fmt: skip
     return families
 
 
@@ -225,7 +255,15 @@ def frontier_methods(args: Any) -> list[Method]:
                 if fam["kind"] == "grin":
                     grin = {"score": fam["score"], "density": fam["density"], "seed": seed}
                 runs.append(
-                    Method(f"{name} lr={lr:g} seed={seed}", fam["kind"], "npo", lr, grin=grin, group=name, seed=seed)
+                    Method(
+                        f"{name} lr={lr:g} seed={seed}",
+                        fam["kind"],
+                        fam["objective"],
+                        lr,
+                        grin=grin,
+                        group=name,
+                        seed=seed,
+                    )
                 )
     return runs
 

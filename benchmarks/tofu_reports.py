@@ -599,7 +599,8 @@ def write_frontier_report(report: dict[str, Any], out: Path, stem: str) -> None:
             else ""
         ),  # fmt: skip
         "",
-        f"Unlearning: NPO, {json.dumps(s['train'])}; seeds {s['seeds']}; forget target {s['frontier_at']:g}.",
+        f"Unlearning: {s.get('objective', 'npo').upper()}, {json.dumps(s['train'])}; seeds {s['seeds']}; forget "
+        f"target {s['frontier_at']:g}.",
         "",
     ]
     lines += frontier_tables(report, families)

@@ -37,7 +37,7 @@ from common import (  # benchmarks/ is on sys.path when run as a script
 from tofu_eval import TrajectoryCallback, answer_probabilities
 from tofu_models import localize_sample
 
-PEFT_KINDS = ("lora", "grin", "auto")
+PEFT_KINDS = ("lora", "fila", "grin", "auto")
 
 
 def claim(directory: Path | None, job: str) -> bool:
@@ -124,11 +124,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", name).strip("_")
 
 
-def save_checkpoint(model: torch.nn.Module, kind: str, directory: Path) -> tuple[int, str]:
+def save_checkpoint(
+    model: torch.nn.Module, kind: str, directory: Path, fila_initial: str | None = None
+) -> tuple[int, str]:
     """``save_pretrained`` into ``directory``; returns the bytes and name of the weight file(s) it wrote: the
-    adapter (``adapter_model.safetensors``) of a PEFT model, the whole model (``model*.safetensors``) otherwise."""
+    adapter (``adapter_model.safetensors``) of a PEFT model, the whole model (``model*.safetensors``) otherwise. A
+    FILA adapter is converted against its initial state into a plain LoRA (rank 2r) for the original base."""
+    options = {"path_initial_model_for_weight_conversion": fila_initial} if fila_initial else {}
     with quiet_transformers():
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **options)
     pattern = "adapter_model*.safetensors" if kind in PEFT_KINDS else "model*.safetensors"
     files = sorted(directory.glob(pattern))
     return sum(f.stat().st_size for f in files), ",".join(f.name for f in files)
@@ -200,7 +204,7 @@ def frontier_run(method: Method, context: dict[str, Any], settings: dict[str, An
         kept = points[0]
         log(f"    auto: forget {probs['forget']:.3f} retain {probs['retain']:.3f} after {cost.get('steps')} steps")
     directory = ckpt_root / slug(method.name)
-    nbytes, files = save_checkpoint(model, method.kind, directory)
+    nbytes, files = save_checkpoint(model, method.kind, directory, cost.get("fila_initial"))
     del model
     record.update(
         points=points,
@@ -214,7 +218,7 @@ def frontier_run(method: Method, context: dict[str, Any], settings: dict[str, An
         trajectory_eval_seconds=eval_seconds,
         timings=cost.get("timings"),
     )
-    for key in ("operating_point", "auto_learning_rate", "auto_epochs", "unlearn_keywords", "train_metrics"):
+    for key in ("operating_point", "auto_learning_rate", "auto_epochs", "unlearn_keywords", "train_metrics", "fila"):
         if key in cost:
             record[key] = cost[key]
     mass = (cost.get("localization") or {}).get("mass")

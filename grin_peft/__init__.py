@@ -26,6 +26,7 @@ _LAZY = {
     "OperatingPoint": "operating_point",
     "UnlearnResult": "pipeline",
     "LocalizationReport": "localize.report",
+    "fila_initialize": "fila",
 }
 
 __all__ = [

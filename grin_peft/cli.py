@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", help="JSON Lines file or Hub dataset id to keep (needed by most objectives)")
     p.add_argument("--output", required=True, help="new directory for the delta (must not exist or be empty)")
     p.add_argument(
-        "--objective", default="npo", help="grad_ascent, grad_diff, npo (default), simnpo, idk_nll, idk_dpo"
+        "--objective", default="npo", help="grad_ascent, grad_diff, npo (default), simnpo, idk_nll, idk_dpo, ihl"
     )
     p.add_argument("--refusals", help="text file of refusal answers, one per line (idk_nll, idk_dpo)")
     p.add_argument(

@@ -13,6 +13,7 @@ framework:
   ``labels[:, t + 1]``.
 - Token-level NLL terms (grad ascent, retain NLL, refusal NLL) are the mean over every answer token of the batch,
   which is what a Hugging Face causal LM returns as ``loss`` and what open-unlearning uses.
+- The inverted hinge loss (IHL) is a token-level term too: the mean over every answer token of the batch.
 - Sequence-level terms (NPO, DPO) use the per-example *sum* of token NLL (open-unlearning's ``compute_batch_nll``);
   SimNPO divides that sum by the number of answer tokens.
 - Reference quantities arrive as per-example summed NLL (``sequence_nll(ref_logits, labels, reduction="sum")``),
@@ -39,6 +40,7 @@ __all__ = [
     "OBJECTIVES",
     "GradAscent",
     "GradDiff",
+    "IHL",
     "IdkDPO",
     "IdkNLL",
     "NPO",
@@ -404,6 +406,63 @@ class SimNPO(UnlearningObjective):
         return loss, {"forget_nll": _token_mean(sums, counts)}
 
 
+IHL_REDUCTIONS = ("tokens", "examples")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IHL(UnlearningObjective):
+    """Inverted hinge loss (Cha et al., ICLR 2025, the loss of LoKU), with a GradDiff-style retain term.
+
+    Per answer token ``y_t``, with ``p`` the softmax at the position that predicts it:
+    ``IHL_t = 1 + p(y_t) - max_{v != y_t} p(v)``, a hinge on the margin between the true token and its strongest
+    rival. Lowering it moves probability from the true token to that one rival (a fluent alternative) instead of
+    spreading it anywhere as gradient ascent does, and it is bounded in [0, 2], so it cannot run away. The hinge's
+    clamp at 0 never acts (the margin is >= -1), so there is none.
+
+    Choices the paper leaves open follow the authors' code (csm9493/efficient-llm-unlearning, TOFU/dataloader.py):
+    ``reduction="tokens"`` (default) averages over every answer token of the batch, as :func:`batch_nll` does;
+    ``"examples"`` averages each example's tokens first, so long answers weigh no more than short ones. The retain
+    term is their ``forget_loss + retain_loss`` (``forget_weight = retain_weight = 1``). Logits are always
+    softmaxed in float32 (their code skips the softmax when every logit happens to lie in [0, 1]).
+    """
+
+    name: ClassVar[str] = "ihl"
+    reduction: str = "tokens"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reduction not in IHL_REDUCTIONS:
+            raise GrinError(
+                f"{self.name}: reduction must be one of {', '.join(IHL_REDUCTIONS)}; got {self.reduction!r}."
+            )
+
+    def _forget_term(self, inputs: ObjectiveInputs) -> tuple[Tensor, dict[str, float]]:
+        logits, labels = _shifted(inputs.forget_logits, inputs.forget_labels)
+        if logits.shape[-1] < 2:
+            raise GrinError(f"{self.name}: the hinge needs a rival token; the vocabulary has {logits.shape[-1]}.")
+        mask = labels != IGNORE_INDEX
+        counts = mask.sum(dim=-1)
+        if not bool(mask.any()) or (self.reduction == "examples" and bool((counts == 0).any())):
+            raise GrinError(
+                f"{self.name}: examples {(counts == 0).nonzero().flatten().tolist()} of the batch have no answer "
+                f"token (every label is {IGNORE_INDEX} after the causal shift); check truncation and the label mask."
+            )
+        # Only answer positions go through the softmax: [answer tokens, vocab] is the memory-heavy step.
+        target = labels[mask].unsqueeze(-1)
+        log_p = F.log_softmax(logits[mask], dim=-1)
+        p = log_p.exp()
+        p_true = p.gather(-1, target).squeeze(-1)
+        rival = p.scatter(-1, target, -1.0).max(dim=-1).values  # -1: below every probability
+        hinge = 1.0 + p_true - rival
+        if self.reduction == "tokens":
+            loss = hinge.mean()
+        else:
+            rows = mask.nonzero()[:, 0]
+            loss = (hinge.new_zeros(mask.shape[0]).index_add(0, rows, hinge) / counts).mean()
+        forget_nll = -log_p.gather(-1, target).mean()
+        return loss, {"forget_nll": forget_nll.item(), "forget_rival_prob": rival.mean().item()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class IdkNLL(UnlearningObjective):
     """Refusal fine-tuning: ``L = w_f * NLL_idk + w_r * NLL_r``.
@@ -470,7 +529,7 @@ class IdkDPO(UnlearningObjective):
 
 
 OBJECTIVES: dict[str, type[UnlearningObjective]] = {
-    cls.name: cls for cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO)
+    cls.name: cls for cls in (GradAscent, GradDiff, NPO, SimNPO, IdkNLL, IdkDPO, IHL)
 }
 
 

@@ -89,7 +89,7 @@ class UnlearningArguments(TrainingArguments):
 
     objective: str = field(
         default="npo",
-        metadata={"help": "Unlearning objective: npo, simnpo, grad_diff, grad_ascent, idk_nll or idk_dpo."},
+        metadata={"help": "Unlearning objective: npo, simnpo, grad_diff, grad_ascent, idk_nll, idk_dpo or ihl."},
     )
     beta: float | None = field(default=None, metadata={"help": "Inverse temperature of NPO, SimNPO and IdkDPO."})
     forget_weight: float | None = field(default=None, metadata={"help": "Weight of the forget term."})

@@ -418,3 +418,48 @@ def test_ssd_dampens_only_forget_specific_weights(tiny):
     )
     assert bool((ratios <= 1 + 1e-6).all()) and bool((ratios >= 0).all())  # only ever shrunk, never flipped
     assert int((ratios < 1 - 1e-6).sum()) <= info["ssd_dampened_entries"]
+
+
+# ------------------------------------------------------------------------------------------------ LoKU (§7)
+
+
+def test_frontier_objectives_and_fila_add_families_and_leave_the_default_alone():
+    import tofu_methods
+
+    default = tofu_methods.frontier_families(bench_tofu.parse_args(["--frontier", "--densities", "0.25"]))
+    assert [f["family"] for f in default] == ["auto (unlearn defaults)", "full NPO", "LoRA r=8 NPO", "GRIN 25% NPO",
+                                              "mask 25% random NPO"]  # fmt: skip
+    args = bench_tofu.parse_args(
+        ["--frontier", "--objectives", "npo,ihl", "--fila", "--densities", "0.25", "--mask-scores", "none"]
+    )
+    families = tofu_methods.frontier_families(args)
+    assert [(f["family"], f["kind"], f["objective"]) for f in families[1:]] == [
+        ("full NPO", "full", "npo"), ("LoRA r=8 NPO", "lora", "npo"), ("FILA LoRA r=8 NPO", "fila", "npo"),
+        ("full IHL", "full", "ihl"), ("LoRA r=8 IHL", "lora", "ihl"), ("LoKU (FILA LoRA r=8 IHL)", "fila", "ihl"),
+        ("GRIN 25% NPO", "grin", "npo"), ("GRIN 25% IHL", "grin", "ihl"),
+    ]  # fmt: skip
+    runs = tofu_methods.frontier_methods(args)
+    loku = [r for r in runs if r.group == "LoKU (FILA LoRA r=8 IHL)"]
+    assert [r.lr for r in loku] == list(tofu_methods.DEFAULT_GRID_LORA)
+    assert {(r.kind, r.objective) for r in loku} == {("fila", "ihl")}
+
+
+def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tiny, tmp_path):
+    """FILA moves base weights; the saved checkpoint must still be an adapter for the untouched target."""
+    import tofu_runs
+
+    base, fmt, forget, retain = tiny
+    make = lambda: copy.deepcopy(base)  # noqa: E731
+    method = common.Method("LoKU", "fila", "ihl", 1e-2, lora={"r": 2, "lora_alpha": 4})
+    train = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "use_cpu": True, "num_threads": 1, "seed": 0}
+    model, info = common.run_method(method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "work"))
+    assert info["steps"] == 2 and info["fila"]["data"]["forget"]["units"] == len(forget)
+    ids = torch.tensor([fmt.encode(forget[0]["question"], forget[0]["answer"])["input_ids"]])
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        assert not torch.allclose(trained, base(input_ids=ids).logits, atol=1e-3)  # it did unlearn something
+    nbytes, files = tofu_runs.save_checkpoint(model, "fila", tmp_path / "ckpt", info["fila_initial"])
+    assert files == "adapter_model.safetensors" and nbytes > 0
+    loaded = tofu_runs.load_checkpoint("fila", tmp_path / "ckpt", make)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)

@@ -80,6 +80,29 @@ def test_unlearn_merge_revert_round_trip(workspace, capsys, tmp_path):
     assert all(torch.equal(restored[k], original[k]) for k in original)
 
 
+def test_unlearn_accepts_the_inverted_hinge_loss(workspace, capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "unlearn",
+        "--model",
+        workspace / "model",
+        "--forget",
+        workspace / "forget.jsonl",
+        "--retain",
+        workspace / "retain.jsonl",
+        "--output",
+        tmp_path / "delta",
+        "--density",
+        "0.05",
+        "--epochs",
+        "1",
+        "--objective",
+        "ihl",
+    )
+    assert code == 0, err
+    assert (tmp_path / "delta" / "adapter_model.safetensors").exists()
+
+
 def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
     code, out, err = run(
         capsys,

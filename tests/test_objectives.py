@@ -11,6 +11,7 @@ import torch
 
 from grin_peft.errors import GrinError
 from grin_peft.objectives import (
+    IHL,
     NPO,
     OBJECTIVES,
     GradAscent,
@@ -313,6 +314,110 @@ def test_idk_dpo_rejects_unpaired_batches():
         IdkDPO(retain_weight=0.0).compute(inputs)
 
 
+# ---------------------------------------------------------------- inverted hinge loss
+
+
+def token_hinges(logits: list, labels: list) -> list[list[float]]:
+    """Per-example lists of 1 + p(true) - max p(other), softmax and causal shift done by hand."""
+    out = []
+    for rows, labs in zip(logits, labels):
+        hinges = []
+        for t in range(len(labs) - 1):
+            if labs[t + 1] == -100:
+                continue
+            p = [math.exp(x) for x in log_softmax(rows[t])]
+            true = labs[t + 1]
+            hinges.append(1.0 + p[true] - max(q for v, q in enumerate(p) if v != true))
+        out.append(hinges)
+    return out
+
+
+F_HINGE = token_hinges(FORGET_LOGITS, FORGET_LABELS)
+
+
+def test_ihl_hand_values_are_as_intended():
+    # Example 0, position 0: softmax of [1, 2, 0], true token 1 is the most likely, its rival token 0.
+    z = math.e + math.e**2 + 1.0
+    assert F_HINGE[0][0] == pytest.approx(1.0 + math.e**2 / z - math.e / z)
+    # Example 1, position 2: logits [-1, 0, 1], true token 2 is the most likely, its rival token 1.
+    z = math.exp(-1) + 1.0 + math.e
+    assert F_HINGE[1][2] == pytest.approx(1.0 + math.e / z - 1.0 / z)
+
+
+def test_ihl_is_the_token_mean_of_the_hinge_over_the_batch():
+    loss, logs = IHL(retain_weight=0.0).compute(forget_inputs())
+    assert loss.item() == pytest.approx(sum(map(sum, F_HINGE)) / 5, rel=1e-6)
+    assert logs["forget_term"] == pytest.approx(loss.item())
+    assert logs["forget_nll"] == pytest.approx(F_TOKEN_MEAN, rel=1e-6)
+
+
+def test_ihl_examples_reduction_averages_each_example_first():
+    loss, _ = IHL(retain_weight=0.0, reduction="examples").compute(forget_inputs())
+    assert loss.item() == pytest.approx(sum(sum(h) / len(h) for h in F_HINGE) / 2, rel=1e-6)
+
+
+def test_ihl_default_adds_the_retain_nll_with_weight_one():
+    """The authors' TOFU loss: forget IHL + retain NLL."""
+    objective = get_objective("ihl")
+    assert (objective.forget_weight, objective.retain_weight, objective.kl_weight) == (1.0, 1.0, 0.0)
+    assert objective.requirements.retain and not objective.requirements.reference_forget
+    loss, logs = objective.compute(with_retain(forget_inputs()))
+    assert loss.item() == pytest.approx(sum(map(sum, F_HINGE)) / 5 + R_TOKEN_MEAN, rel=1e-6)
+    assert logs["retain_nll"] == pytest.approx(R_TOKEN_MEAN, rel=1e-6)
+
+
+def test_ihl_is_one_for_a_tie_two_for_certainty_and_near_zero_once_the_rival_wins():
+    labs = labels([[-100, 1]])
+    tie = IHL(retain_weight=0.0).compute(
+        ObjectiveInputs(forget_logits=tensor([[[0.0, 0.0, 0.0]] * 2]), forget_labels=labs)
+    )
+    assert tie[0].item() == pytest.approx(1.0)
+    sure = tensor([[[0.0, 50.0, 0.0]] * 2])
+    assert IHL(retain_weight=0.0).compute(ObjectiveInputs(forget_logits=sure, forget_labels=labs))[0].item() == (
+        pytest.approx(2.0)
+    )
+    lost = tensor([[[50.0, 0.0, 0.0]] * 2])
+    assert IHL(retain_weight=0.0).compute(ObjectiveInputs(forget_logits=lost, forget_labels=labs))[0].item() == (
+        pytest.approx(0.0, abs=1e-6)
+    )
+
+
+def test_ihl_step_moves_probability_to_the_strongest_rival_only():
+    """The gradient raises the rival's logit and lowers the true token's; the third token's logit is untouched."""
+    logits = tensor([[[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    IHL(retain_weight=0.0).compute(ObjectiveInputs(forget_logits=logits, forget_labels=labels([[-100, 1]])))[
+        0
+    ].backward()
+    grad = logits.grad[0, 0]
+    assert grad[1] > 0 > grad[0]  # true token 1 pushed down, rival 0 pulled up (gradient descent)
+    # d/dz_2 (p_1 - p_0) = -p_2 p_1 + p_2 p_0 = p_2 (p_0 - p_1): only through the softmax normaliser
+    z = math.e + math.e**2 + 1.0
+    assert grad[2].item() == pytest.approx((1 / z) * (math.e / z - math.e**2 / z), rel=1e-5)
+    assert torch.equal(logits.grad[0, 1], torch.zeros(3))  # the last position predicts nothing
+
+
+def test_ihl_bf16_logits_are_upcast():
+    bf16 = tensor(FORGET_LOGITS).to(torch.bfloat16)
+    loss, _ = IHL(retain_weight=0.0).compute(ObjectiveInputs(forget_logits=bf16, forget_labels=labels(FORGET_LABELS)))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(sum(map(sum, F_HINGE)) / 5, rel=1e-2)
+
+
+def test_ihl_refuses_empty_examples_and_a_vocabulary_without_rivals():
+    with pytest.raises(GrinError, match=r"examples \[0\]"):
+        IHL(retain_weight=0.0, reduction="examples").compute(
+            ObjectiveInputs(forget_logits=tensor(FORGET_LOGITS), forget_labels=labels([[-100] * 4, [-100, 0, 1, 2]]))
+        )
+    with pytest.raises(GrinError, match="no answer token"):
+        IHL(retain_weight=0.0).compute(
+            ObjectiveInputs(forget_logits=tensor(FORGET_LOGITS), forget_labels=labels([[-100] * 4] * 2))
+        )
+    with pytest.raises(GrinError, match="rival"):
+        IHL(retain_weight=0.0).compute(
+            ObjectiveInputs(forget_logits=tensor([[[0.0], [0.0]]]), forget_labels=labels([[-100, 0]]))
+        )
+
+
 # ---------------------------------------------------------------- gradient direction
 
 
@@ -320,7 +425,7 @@ def forget_answer_prob(logits: torch.Tensor) -> float:
     return (-batch_nll(logits, labels(FORGET_LABELS))).exp().item()
 
 
-@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo"])
+@pytest.mark.parametrize("name", ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo", "ihl"])
 def test_one_sgd_step_lowers_forget_answer_probability(name):
     logits = tensor(FORGET_LOGITS, requires_grad=True)
     before = forget_answer_prob(logits.detach())
@@ -395,18 +500,19 @@ def test_reference_nll_shape_is_checked():
 
 
 def test_registry_names_and_spellings():
-    assert list(OBJECTIVES) == ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_nll", "idk_dpo"]
+    assert list(OBJECTIVES) == ["grad_ascent", "grad_diff", "npo", "simnpo", "idk_nll", "idk_dpo", "ihl"]
     for name, cls in OBJECTIVES.items():
         assert type(get_objective(name)) is cls
     # open-unlearning's CamelCase spellings resolve too.
     assert type(get_objective("GradDiff")) is GradDiff
     assert type(get_objective("SimNPO")) is SimNPO
     assert type(get_objective("IdkDPO")) is IdkDPO
+    assert type(get_objective("IHL")) is IHL
     assert get_objective("npo", beta=0.5).beta == 0.5
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(GrinError, match="grad_ascent, grad_diff, npo, simnpo, idk_nll, idk_dpo"):
+    with pytest.raises(GrinError, match="grad_ascent, grad_diff, npo, simnpo, idk_nll, idk_dpo, ihl"):
         get_objective("rmu")
     with pytest.raises(GrinError, match="must be a string"):
         get_objective(None)
@@ -432,6 +538,7 @@ def test_unknown_hyper_parameter_lists_valid_ones():
         ("npo", {"beta": "0.1"}, "beta must be a finite number"),
         ("simnpo", {"margin": float("nan")}, "margin must be a finite number"),
         ("npo", {"nll_reduction": "max"}, "nll_reduction"),
+        ("ihl", {"reduction": "sum"}, "reduction must be one of tokens, examples"),
     ],
 )
 def test_bad_hyper_parameters_raise(name, kwargs, match):

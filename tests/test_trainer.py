@@ -439,3 +439,24 @@ def test_bad_input_raises_grin_error(memorised, tmp_path):
         trainer(args=TrainingArguments(output_dir=str(tmp_path / "x"), use_cpu=True))
     with pytest.warns(UserWarning, match="refusals are ignored"):
         trainer(refusals=list(ds.refusals))
+
+
+# ------------------------------------------------------------------------------------------------ IHL
+
+
+@pytest.mark.parametrize(("kind", "lr"), [("grin", 5e-2), ("lora", 1e-2), ("full", 1e-3)])
+def test_ihl_trains_a_grin_delta_a_lora_adapter_and_all_weights_alike(memorised, tmp_path, kind, lr):
+    """The inverted hinge loss reads no reference, so a plain model trains in full without ``ref_model``."""
+    from peft import LoraConfig
+
+    ds, tok = memorised.dataset, memorised.tokenizer
+    if kind == "grin":
+        model = grin_model(memorised, density=0.05)
+    elif kind == "lora":
+        model = get_peft_model(copy.deepcopy(memorised.model), LoraConfig(r=4, target_modules="all-linear"))
+    else:
+        model = copy.deepcopy(memorised.model).requires_grad_(True)
+    before = mean_probability(model, tok, ds.forget)
+    args = make_args(tmp_path, objective="ihl", learning_rate=lr, num_train_epochs=2)
+    UnlearningTrainer(model, args, ds.forget, ds.retain, processing_class=tok).train()
+    assert mean_probability(model, tok, ds.forget) < before

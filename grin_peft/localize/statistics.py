@@ -266,7 +266,8 @@ class _Collector:
 
 
 def _transposed(layer: GrinLayer) -> bool:
-    return bool(layer._grin_transposed)
+    # PEFT LoRA layers (FILA's statistics, grin_peft.fila) state a Conv1D base's (in, out) layout as fan_in_fan_out
+    return bool(getattr(layer, "_grin_transposed", getattr(layer, "fan_in_fan_out", False)))
 
 
 def answer_tokens(labels: torch.Tensor) -> list[int]:
@@ -393,6 +394,9 @@ def collect_statistic(
     adapters: bool = False,
 ) -> Statistic:
     """One pass over ``batches`` (the same global sequence on every rank): accumulate ``kind`` for every layer.
+
+    ``layers`` are GRIN layers, or any PEFT tuner layer over a linear base (:mod:`grin_peft.fila` passes LoRA
+    layers; their adapters are not switched off here, so a fresh LoRA adapter, whose output is 0, is what they need).
 
     ``unit='example'`` applies the statistic to each example's gradient (split out of the batch's weight-gradient
     GEMM, so batching stays efficient); ``'batch'`` to each batch's. Gradients are taken at the original weights
