@@ -8,6 +8,7 @@
 from importlib import import_module
 from typing import Any
 
+from .audit import audit
 from .config import GrinConfig
 from .errors import GrinError
 from .layer import GrinLayer
@@ -34,6 +35,7 @@ __all__ = [
     "GrinError",
     "GrinLayer",
     "GrinModel",
+    "audit",
     "fingerprint_check",
     "merge_dequantized",
     "merge_quantized",
