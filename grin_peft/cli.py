@@ -296,6 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, kept separate so the docs and tests can inspect it."""
+    from .audit import cli as audit_cli
     from .demo import DEFAULTS
 
     parser = argparse.ArgumentParser(
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    audit_cli.add_parser(sub)
     return parser
 
 

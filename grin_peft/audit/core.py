@@ -8,8 +8,10 @@ prompt) without its weight changes. 0 = the attack recovered nothing, 1 = all th
 from __future__ import annotations
 
 import copy
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -151,7 +153,8 @@ def audit(
                 report.module_changes = change_vs_bin_width(
                     plain_original, plain_unlearned, quantized_modules(quantized)
                 )
-            attacked = evaluate(quantized, forget_items)
+            with _quiet_bitsandbytes():
+                attacked = evaluate(quantized, forget_items)
             add("quantization", mode, len(forget_items), base["original"], base["unlearned"], attacked)
             del quantized
         del plain_original, plain_unlearned
@@ -171,15 +174,19 @@ def audit(
             report.notes.append("paraphrase: not run - no forget item has a 'paraphrased_question'.")
         else:
             say("paraphrased questions")
-            unlearned_m = base["unlearned"] if len(plain) == len(forget_items) else evaluate(model, plain, with_retain=False)
+            unlearned_m = (
+                base["unlearned"] if len(plain) == len(forget_items) else evaluate(model, plain, with_retain=False)
+            )
             original_m = evaluate(reference, rephrased, with_retain=False)
-            add("paraphrase", "paraphrased_question", len(plain), original_m, unlearned_m, evaluate(model, rephrased))
+            attacked = evaluate(model, rephrased, with_retain=False)
+            add("paraphrase", "paraphrased_question", len(plain), original_m, unlearned_m, attacked)
     if "jailbreak" in chosen:
         say("jailbreak answer prefix")
         prefixed = with_prefix(fmt, jailbreak_prefix)
         original_m = evaluate(reference, forget_items, prefixed, with_retain=False)
         attacked = evaluate(model, forget_items, prefixed)
-        add("jailbreak", f"answer prefix {jailbreak_prefix!r}", len(forget_items), original_m, base["unlearned"], attacked)
+        variant = f"answer prefix {jailbreak_prefix!r}"
+        add("jailbreak", variant, len(forget_items), original_m, base["unlearned"], attacked)
     if "membership" in chosen:
         say("membership inference")
         report.membership = membership(
@@ -196,6 +203,18 @@ def audit(
         report.add_membership_verdict()
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """bitsandbytes logs a warning per 8-bit CPU matmul (inputs cast to fp16); once per layer and batch is noise."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _sample(items: list[dict[str, Any]], settings: RelearnSettings) -> list[dict[str, Any]]:

@@ -59,8 +59,8 @@ def recovered_fraction(original: float | None, unlearned: float | None, attacked
 
 
 def qa_items(items: Sequence[Mapping[str, Any]], what: str) -> list[dict[str, Any]]:
-    """``{question, answer[, keywords, paraphrased_question]}`` copies of ``items``; refuses an empty set or an item without string
-    question and answer, so bad data fails before any model runs."""
+    """``{question, answer[, keywords, paraphrased_question]}`` copies of ``items``; refuses an empty set or an
+    item without string question and answer, so bad data fails before any model runs."""
     if not items:
         raise GrinError(f"audit: the {what} set is empty.")
     out = []
@@ -108,7 +108,12 @@ def recovered(
     return {m: recovered_fraction(original.get(m), unlearned.get(m), attacked.get(m), min_gap) for m in FORGET_METRICS}
 
 
-def verdict(name: str, fractions: Mapping[str, float | None], thresholds: Thresholds) -> tuple[str, str]:
+def verdict(
+    name: str,
+    fractions: Mapping[str, float | None],
+    thresholds: Thresholds,
+    came_back: str = "of what unlearning removed came back",
+) -> tuple[str, str]:
     """``(label, sentence)`` for one attack from its recovered fractions: the worst (largest) defined fraction
     decides, and the sentence names it and the thresholds, so no verdict is a bare "passed"."""
     defined = {m: f for m, f in fractions.items() if f is not None}
@@ -125,6 +130,5 @@ def verdict(name: str, fractions: Mapping[str, float | None], thresholds: Thresh
     else:
         label = "recovered"
     return label, (
-        f"{name}: {label} - at most {worst:.0%} of what unlearning removed came back ({metric}); thresholds: "
-        f"{thresholds.describe()}."
+        f"{name}: {label} - at most {worst:.0%} {came_back} ({metric}); thresholds: {thresholds.describe()}."
     )

@@ -68,6 +68,12 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
             raise GrinError(f"the model cannot be quantized to {mode} with bitsandbytes: {first}") from exc
     if not quantized_modules(quantized):
         raise GrinError(f"the model cannot be quantized to {mode}: bitsandbytes replaced none of its layers.")
+    try:  # some layouts load but fail at the first forward (CPU 4-bit needs rows a multiple of the block)
+        with torch.no_grad():
+            quantized(input_ids=torch.zeros((1, 2), dtype=torch.long, device=quantized.device))
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GrinError(f"the model cannot run quantized to {mode} with bitsandbytes: {first}") from exc
     return quantized.eval()
 
 

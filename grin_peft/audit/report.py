@@ -49,7 +49,10 @@ class AuditReport:
     def add_membership_verdict(self) -> None:
         """The membership verdict: the share of the original's membership signal left, worst attack deciding."""
         fractions = {row["attack"]: row["signal_left"] for row in self.membership}
-        _, sentence = verdict("membership inference (signal left vs holdout)", fractions, self.thresholds)
+        came_back = (
+            "of the original's membership signal is left (negative: forget items now look less familiar than holdout)"
+        )
+        _, sentence = verdict("membership inference vs holdout", fractions, self.thresholds, came_back)
         self.membership_verdict = sentence
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +119,8 @@ class AuditReport:
                 f"differs from the original's. The {min(MODULE_ROWS, len(changed))} modules with the most changed "
                 "entries (all in the JSON):",
                 "",
-                "| module | changed / entries | median |change|/bin | p90 | below half a bin | kept by NF4 | kept by FP4 |",
+                "| module | changed / entries | median |change|/bin | p90 | below half a bin | kept by NF4 "
+                "| kept by FP4 |",
                 "|---|---|---|---|---|---|---|",
             ]
             for row in changed[:MODULE_ROWS]:
