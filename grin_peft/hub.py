@@ -11,6 +11,18 @@ from .config import GrinConfig
 
 CARD_HEADING = "## GRIN unlearning delta"
 CARD_TAGS = ("grin", "unlearning", "peft", "sparse-delta")
+DELTA_DISCLOSURE = (
+    "**Privacy note:** a delta shows which weights unlearning changed and by how much; published attacks use "
+    "exactly that to recover forgotten text. To share an unlearned model without revealing it, push the merged "
+    "model instead: `peft_model.push_to_hub(repo_id, merged=True)`. Check whether the forgetting holds with "
+    "`grin-peft audit`."
+)
+
+MERGED_CARD = (
+    "---\nlibrary_name: transformers\n---\n\n## Unlearned model (GRIN delta merged)\n\nThe GRIN delta is merged "
+    "into the weights and not published, so this repository does not show which entries unlearning changed (a "
+    "published delta would). Check whether the forgetting holds with `grin-peft audit`.\n"
+)
 
 
 def describe_adapter(peft_model, adapter_name: str) -> dict:
@@ -70,6 +82,8 @@ def update_model_card(peft_model, output_dir: str) -> None:
         "",
         "Load with `import grin_peft; PeftModel.from_pretrained(base, repo_id)`; deploy with `merge_and_unload()`; "
         "undo a merge exactly with `grin_peft.revert(merged_model, repo_id)`.",
+        "",
+        DELTA_DISCLOSURE,
     ]
     text = card.text
     if CARD_HEADING in text:
@@ -140,6 +154,42 @@ def push_delta_to_hub(
         )
 
 
+def push_merged_to_hub(
+    peft_model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    **save_kwargs,
+):
+    """Push the merged model (base + delta, one ordinary transformers model) instead of the delta, so the Hub copy
+    does not say which entries unlearning changed. Merges a copy: ``peft_model`` keeps its adapters."""
+    import copy
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    merged = copy.deepcopy(peft_model).merge_and_unload(safe_merge=True)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        merged.save_pretrained(work_dir, **save_kwargs)
+        card = ModelCard(MERGED_CARD)
+        card.data["tags"] = sorted({"grin", "unlearning", *(tags or [])})
+        card.save(os.path.join(work_dir, "README.md"))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or "Upload unlearned model (GRIN delta merged)",
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
 def install() -> None:
     """Hook GRIN's card and atomic writes into PEFT's save path, once (idempotent)."""
     import peft.peft_model as peft_model_module
@@ -165,6 +215,8 @@ def install() -> None:
             return original_push(self, repo_id, *args, **kwargs)
         for unsupported in ("use_temp_dir", "max_shard_size", "safe_serialization"):
             kwargs.pop(unsupported, None)
+        if kwargs.pop("merged", False):  # the merged model instead of the delta, which reveals the changed entries
+            return push_merged_to_hub(self, repo_id, **kwargs)
         return push_delta_to_hub(self, repo_id, **kwargs)
 
     peft_model_module.PeftModel.push_to_hub = push_to_hub
