@@ -13,6 +13,9 @@ the papers), so the published relearning rate (1e-5, batch 4, 15-150 steps) beco
     python benchmarks/bench_audit.py                          # every method
     python benchmarks/bench_audit.py --methods "full NPO lr=1e-4,GRIN 25%" --stem part1
     python benchmarks/bench_audit.py --merge part1.json part2.json --stem audit_forget10
+
+GRIN rows are followed by the same delta after ``grin_peft.audit.floor_to_bin_width`` (``--mitigate``, default 1
+bin), audited under quantization only.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from common import REPO, Method, atomic_write, environment, log, run_method  # b
 from tofu_eval import generation_cap
 from tofu_models import localize_sample
 
-from grin_peft.audit import RelearnSettings, audit  # noqa: E402
+from grin_peft.audit import RelearnSettings, audit, floor_to_bin_width  # noqa: E402
 from grin_peft.data import QAFormat, load_tofu  # noqa: E402
 
 METHODS = (
@@ -66,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--stem", default="audit_forget10")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine saved parts, render, exit")
+    p.add_argument(
+        "--mitigate", type=float, default=1.0, help="also audit GRIN deltas floored at this many bins (0: no)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the code path in seconds")
     return p.parse_args(argv)
 
@@ -153,6 +159,20 @@ def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: 
     plot(results, out / f"{stem}.png")
 
 
+def mitigated(model, target, forget, retain, fmt, items, cap, method, factor, modes) -> dict[str, Any]:
+    """The same delta after :func:`floor_to_bin_width`, under the quantization attack only."""
+    floored = copy.deepcopy(model)
+    info = floor_to_bin_width(floored, factor=factor)
+    name = f"{method.name} + bin-width floor x{factor:g}"
+    log(f"{name}: raised {info['raised']:,} of {info['entries']:,} entries")
+    report = audit(
+        floored, forget, retain, tokenizer=fmt, original=copy.deepcopy(target), attacks=["quantization"],
+        quantization_modes=modes, max_items=items, max_new_tokens=cap, batch_size=32, name=name,
+        log=lambda m: log(f"  {m[:150]}"),
+    )  # fmt: skip
+    return {"method": name, "config": {**method.describe(), "mitigation": info}, "report": report.to_dict()}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore")  # transformers' deprecation notes, bitsandbytes' CPU-kernel note
     args = parse_args(argv)
@@ -210,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "report": report.to_dict(),
                 }
             )
+            if method.kind == "grin" and args.mitigate:
+                results.append(mitigated(model, target, forget, retain, fmt, items, cap, method, args.mitigate, modes))
             log(f"{method.name}: {time.perf_counter() - t0:.0f} s")
             write(results, meta, out, args.stem)
     print(render(results))

@@ -10,7 +10,16 @@
 
 from .core import ATTACKS, audit
 from .measure import Thresholds, recovered_fraction
+from .mitigation import floor_to_bin_width
 from .relearning import RelearnSettings
 from .report import AuditReport
 
-__all__ = ["ATTACKS", "AuditReport", "RelearnSettings", "Thresholds", "audit", "recovered_fraction"]
+__all__ = [
+    "ATTACKS",
+    "AuditReport",
+    "RelearnSettings",
+    "Thresholds",
+    "audit",
+    "floor_to_bin_width",
+    "recovered_fraction",
+]

@@ -4,7 +4,7 @@
 A 4-bit layer stores each block of 64 weights as one scale (the block's absolute maximum) times one of 16 levels;
 a change smaller than the gap between the levels it falls between usually rounds back to the original level.
 :func:`change_vs_bin_width` measures that per module: the size of the unlearning change relative to the local
-4-bit bin width, and the share of changed entries whose 4-bit value actually differs from the original's.
+4-bit bin width, and the share of changed entries whose 4-bit copy keeps at least half of the change.
 """
 
 from __future__ import annotations
@@ -105,10 +105,19 @@ def bin_width(weight: torch.Tensor, quant_type: str = "nf4") -> torch.Tensor:
     return (gap * scale).reshape(-1)[: flat.numel()].view(weight.shape)
 
 
+def _kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor, changed: torch.Tensor, qt: str) -> float:
+    """Share of changed entries whose 4-bit copy keeps at least half of the change, in its direction (a block
+    scale nudged by a changed maximum shifts every entry a little; that is not the change surviving)."""
+    kept_delta = (_roundtrip(after, qt) - _roundtrip(before, qt))[changed]
+    wanted = delta[changed]
+    survived = (torch.sign(kept_delta) == torch.sign(wanted)) & (kept_delta.abs() >= 0.5 * wanted.abs())
+    return float(survived.float().mean())
+
+
 def change_vs_bin_width(original: nn.Module, unlearned: nn.Module, modules: list[str]) -> list[dict[str, Any]]:
     """Per module in ``modules`` (names shared by both plain models): entries the unlearning changed, the median
-    and 90th percentile of |change| / NF4 bin width, the share of changed entries below half a bin, and the share
-    whose NF4 and FP4 values differ from the original's (the change a 4-bit copy keeps)."""
+    and 90th percentile of |change| / NF4 bin width at the original entry, the share of changed entries below half
+    a bin, and the share whose NF4 and FP4 copies keep at least half of the change (:func:`_kept`)."""
     rows = []
     for name in modules:
         before = original.get_submodule(name).weight.detach().float().cpu()
@@ -120,15 +129,12 @@ def change_vs_bin_width(original: nn.Module, unlearned: nn.Module, modules: list
         count = int(changed.sum())
         row: dict[str, Any] = {"module": name, "entries": before.numel(), "changed": count}
         if count:
-            ratio = (delta.abs() / bin_width(after, "nf4"))[changed]
+            ratio = (delta.abs() / bin_width(before, "nf4"))[changed]
             row.update(
                 median_change_over_bin=float(ratio.median()),
                 p90_change_over_bin=float(torch.quantile(ratio, 0.9)),
                 below_half_bin=float((ratio < 0.5).float().mean()),
-                **{
-                    f"kept_by_{qt}": float((_roundtrip(after, qt) != _roundtrip(before, qt))[changed].float().mean())
-                    for qt in ("nf4", "fp4")
-                },
+                **{f"kept_by_{qt}": _kept(before, after, delta, changed, qt) for qt in ("nf4", "fp4")},
             )
         rows.append(row)
     return rows

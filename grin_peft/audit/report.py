@@ -115,9 +115,9 @@ class AuditReport:
             lines += [
                 "",
                 "Unlearning change per quantized module against the NF4 bin width (the gap between the two 4-bit "
-                "levels a weight falls between, times its block scale); 'kept' = changed entries whose 4-bit value "
-                f"differs from the original's. The {min(MODULE_ROWS, len(changed))} modules with the most changed "
-                "entries (all in the JSON):",
+                "levels a weight falls between, times its block scale); 'kept' = changed entries whose 4-bit copy "
+                f"keeps at least half of the change. The {min(MODULE_ROWS, len(changed))} modules with the most "
+                "changed entries (all in the JSON):",
                 "",
                 "| module | changed / entries | median |change|/bin | p90 | below half a bin | kept by NF4 "
                 "| kept by FP4 |",
