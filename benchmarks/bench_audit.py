@@ -70,6 +70,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stem", default="audit_forget10")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine saved parts, render, exit")
     p.add_argument(
+        "--extra-full-lr", type=float, nargs="*", default=[], help="also full NPO at these rates (with --epochs)"
+    )
+    p.add_argument("--epochs", type=float, default=None, help="unlearning epochs of the extra rows (default 5)")
+    p.add_argument(
+        "--quantized-target", action="store_true", help="also measure the target itself under each quantization"
+    )
+    p.add_argument(
         "--mitigate", type=float, default=1.0, help="also audit GRIN deltas floored at this many bins (0: no)"
     )
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the code path in seconds")
@@ -159,6 +166,18 @@ def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: 
     plot(results, out / f"{stem}.png")
 
 
+def quantized_target(target, fmt, forget, modes, cap) -> dict[str, Any]:
+    """The target's own forget metrics in full precision and under each quantization (how much 4-bit costs it)."""
+    from grin_peft.audit.measure import measure
+    from grin_peft.audit.quantization import quantize
+
+    out = {"full precision": measure(target, fmt, forget, None, max_new_tokens=cap, batch_size=32)["forget"]}
+    for mode in modes:
+        out[mode] = measure(quantize(target, mode), fmt, forget, None, max_new_tokens=cap, batch_size=32)["forget"]
+    log(f"target under quantization: {out}")
+    return out
+
+
 def mitigated(model, target, forget, retain, fmt, items, cap, method, factor, modes) -> dict[str, Any]:
     """The same delta after :func:`floor_to_bin_width`, under the quantization attack only."""
     floored = copy.deepcopy(model)
@@ -202,9 +221,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     cap = generation_cap(fmt, {"forget": forget[:items], "retain": retain[:items]})
     wanted = [w.strip().lower() for w in (args.methods or "").split(",") if w.strip()]
-    methods = [m for m in METHODS if not wanted or any(w in m.name.lower() for w in wanted)]
+    methods = [m for m in METHODS if wanted and any(w in m.name.lower() for w in wanted)]
+    if not wanted and not args.extra_full_lr:
+        methods = list(METHODS)
+    epochs = args.epochs or train["num_train_epochs"]
+    methods += [Method(f"full NPO lr={lr:g}, {epochs:g} epochs", "full", "npo", lr) for lr in args.extra_full_lr]
+    if args.epochs:
+        train = {**train, "num_train_epochs": args.epochs}
     meta["settings"] = {"train": train, "items": items, "relearn": vars(relearn), "max_new_tokens": cap}
     results: list[dict[str, Any]] = []
+    if args.quantized_target:
+        meta["quantized_target"] = quantized_target(target, fmt, forget[:items], modes, cap)
     localize_retain = localize_sample(retain, 400, 0)
     with tempfile.TemporaryDirectory(prefix="bench_audit_") as workdir:
         for method in methods:

@@ -44,6 +44,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     loading it with ``BitsAndBytesConfig`` would get it (``lm_head`` stays in full precision, as transformers
     keeps it). Compute dtype = the model's own dtype. Raises GrinError for a model that cannot be quantized."""
     from transformers import BitsAndBytesConfig, PreTrainedModel
+    from transformers.utils import logging as hf_logging
 
     if mode not in MODES:
         raise GrinError(f"unknown quantization mode {mode!r}; choose from {list(MODES)}.")
@@ -59,6 +60,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a save and a load per mode: their bars would bury the audit's lines
     with tempfile.TemporaryDirectory() as work:
         try:
             merged.save_pretrained(work)
@@ -66,6 +69,9 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         except Exception as exc:  # any refusal of transformers or bitsandbytes is this model's failure
             first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GrinError(f"the model cannot be quantized to {mode} with bitsandbytes: {first}") from exc
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     if not quantized_modules(quantized):
         raise GrinError(f"the model cannot be quantized to {mode}: bitsandbytes replaced none of its layers.")
     try:  # some layouts load but fail at the first forward (CPU 4-bit needs rows a multiple of the block)
