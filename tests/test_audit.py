@@ -125,6 +125,7 @@ def test_verdicts_name_the_worst_metric_and_the_thresholds():
     label, sentence = verdict("quantization (nf4)", {"a": 0.05, "b": 0.7}, t)
     assert label == "recovered"
     assert "70%" in sentence and "(b)" in sentence and "< 10% holds" in sentence and ">= 50% recovered" in sentence
+    assert "none (every fraction <= 0; largest -20%)" in verdict("q", {"a": -0.2, "b": -0.5}, t)[1]
     label, sentence = verdict("x", {"a": None}, t)
     assert label == "not judged" and "0.05" in sentence
     with pytest.raises(GrinError, match="partial < recovered"):

@@ -129,6 +129,5 @@ def verdict(
         label = "partly recovered"
     else:
         label = "recovered"
-    return label, (
-        f"{name}: {label} - at most {worst:.0%} {came_back} ({metric}); thresholds: {thresholds.describe()}."
-    )
+    amount = f"at most {worst:.0%}" if worst > 0 else f"none (every fraction <= 0; largest {worst:.0%})"
+    return label, f"{name}: {label} - {amount} {came_back} ({metric}); thresholds: {thresholds.describe()}."
