@@ -198,9 +198,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(args.out)
     meta = {"command": "python benchmarks/bench_audit.py " + " ".join(sys.argv[1:]), "environment": environment()}
     if args.merge:
-        results = [r for path in args.merge for r in json.loads(Path(path).read_text())["results"]]
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        meta["parts"] = [{k: v for k, v in part.items() if k != "results"} for part in parts]
         order = {m.name: i for i, m in enumerate(METHODS)}
-        write(sorted(results, key=lambda r: order.get(r["method"], len(order))), meta, out, args.stem)
+
+        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # each floored delta right after its own row
+            base, _, floor = result["method"].partition(" + bin-width floor")
+            return order.get(base, len(order)), bool(floor)
+
+        write(sorted((r for part in parts for r in part["results"]), key=rank), meta, out, args.stem)
         return
     torch.set_num_threads(1)
     tofu_args = bench_tofu.parse_args(["--workers", "1", *(["--smoke"] if args.smoke else [])])
