@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -94,10 +95,10 @@ def audit(
     unknown_modes = [m for m in quantization_modes if m not in MODES]
     if unknown_modes:
         raise GrinError(f"audit: unknown quantization mode(s) {unknown_modes}; choose from {list(MODES)}.")
-    forget_all = qa_items(forget, "forget")
-    retain_items = qa_items(retain, "retain")[:max_items]
+    forget_all, retain_all = qa_items(forget, "forget"), qa_items(retain, "retain")
+    retain_items = retain_all[:max_items]
     holdout_items = qa_items(holdout, "holdout")[:max_items] if holdout is not None else None
-    related = qa_items(relearn_data, "relearning") if relearn_data is not None else retain_items
+    related = qa_items(relearn_data, "relearning") if relearn_data is not None else retain_all
     forget_items = forget_all[:max_items]
     if "relearning" in chosen:
         relearn_train, held_out = split_forget(forget_all, relearn_settings)
@@ -218,6 +219,4 @@ def _quiet_bitsandbytes() -> Iterator[None]:
 
 
 def _sample(items: list[dict[str, Any]], settings: RelearnSettings) -> list[dict[str, Any]]:
-    import random
-
     return random.Random(settings.seed).sample(items, min(settings.items, len(items)))
