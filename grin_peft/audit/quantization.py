@@ -55,7 +55,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
             f"a {type(merged).__name__} cannot be quantized: the attack reloads a transformers PreTrainedModel "
             "with bitsandbytes layers."
         )
-    dtype = next(merged.parameters()).dtype
+    dtype, device = next(merged.parameters()).dtype, next(merged.parameters()).device
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}  # CUDA kernels where the model is
     if mode == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -65,7 +66,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     with tempfile.TemporaryDirectory() as work:
         try:
             merged.save_pretrained(work)
-            quantized = type(merged).from_pretrained(work, quantization_config=config, dtype=dtype)
+            quantized = type(merged).from_pretrained(work, quantization_config=config, dtype=dtype, **placement)
         except Exception as exc:  # any refusal of transformers or bitsandbytes is this model's failure
             first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GrinError(f"the model cannot be quantized to {mode} with bitsandbytes: {first}") from exc
