@@ -267,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 results.append(mitigated(model, target, forget, retain, fmt, items, cap, method, args.mitigate, modes))
             log(f"{method.name}: {time.perf_counter() - t0:.0f} s")
             write(results, meta, out, args.stem)
+    write(results, meta, out, args.stem)  # also when no method ran (--methods none --quantized-target)
     print(render(results))
 
 
