@@ -8,6 +8,7 @@
 from importlib import import_module
 from typing import Any
 
+from .audit import audit  # the function; grin_peft.audit the package is the same name
 from .config import GrinConfig
 from .errors import GrinError
 from .layer import GrinLayer
@@ -35,6 +36,7 @@ __all__ = [
     "GrinError",
     "GrinLayer",
     "GrinModel",
+    "audit",
     "fingerprint_check",
     "merge_dequantized",
     "merge_quantized",

@@ -414,6 +414,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, kept separate so the docs and tests can inspect it; imports nothing heavy."""
+    from .audit import cli as audit_cli
+
     parser = argparse.ArgumentParser(
         prog="grin-peft",
         description="GRIN unlearning: localise the weights that hold what must be forgotten, train a sparse delta "
@@ -516,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    audit_cli.add_parser(sub)
     return parser
 
 

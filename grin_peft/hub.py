@@ -23,6 +23,18 @@ from .integrity import MANIFEST_NAME, write_manifest
 
 CARD_TAGS = ("grin", "unlearning", "peft", "sparse-delta")
 CARD_NAME = "README.md"
+DELTA_DISCLOSURE = (
+    "**Privacy note:** a delta shows which weights unlearning changed and by how much; published attacks use "
+    "exactly that to recover forgotten text. To share an unlearned model without revealing it, push the merged "
+    "model instead: `peft_model.push_to_hub(repo_id, merged=True)`. Check whether the forgetting holds with "
+    "`grin-peft audit`."
+)
+
+MERGED_CARD = (
+    "---\nlibrary_name: transformers\n---\n\n## Unlearned model (GRIN delta merged)\n\nThe GRIN delta is merged "
+    "into the weights and not published, so this repository does not show which entries unlearning changed (a "
+    "published delta would). Check whether the forgetting holds with `grin-peft audit`.\n"
+)
 
 
 def describe_adapter(peft_model, adapter_name: str) -> dict:
@@ -116,6 +128,8 @@ def model_card(peft_model, adapter_name: str, digest: str | None, repo_id: str |
         f"Command line: `grin-peft merge --model BASE --delta {where} --output merged/`, then "
         f"`grin-peft revert --model merged/ --delta {where} --output restored/`"
         + (f" (add `--expected-sha256 {digest}` to either to pin it)." if digest else "."),
+        "",
+        DELTA_DISCLOSURE,
         "",
         "## Integrity",
         "",
@@ -235,6 +249,42 @@ def push_delta_to_hub(
     return info
 
 
+def push_merged_to_hub(
+    peft_model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+    **save_kwargs,
+):
+    """Push the merged model (base + delta, one ordinary transformers model) instead of the delta, so the Hub copy
+    does not say which entries unlearning changed. Merges a copy: ``peft_model`` keeps its adapters."""
+    import copy
+    import tempfile
+
+    from huggingface_hub import HfApi, ModelCard
+
+    merged = copy.deepcopy(peft_model).merge_and_unload(safe_merge=True)
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        merged.save_pretrained(work_dir, **save_kwargs)
+        card = ModelCard(MERGED_CARD)
+        card.data["tags"] = sorted({"grin", "unlearning", *(tags or [])})
+        card.save(os.path.join(work_dir, "README.md"))
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=work_dir,
+            commit_message=commit_message or "Upload unlearned model (GRIN delta merged)",
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
 def install() -> None:
     """Hook GRIN's card, manifest and atomic writes into PEFT's save path, once (idempotent)."""
     import peft.peft_model as peft_model_module
@@ -267,6 +317,8 @@ def install() -> None:
             return original_push(self, repo_id, *args, **kwargs)
         for unsupported in ("use_temp_dir", "max_shard_size", "safe_serialization"):
             kwargs.pop(unsupported, None)
+        if kwargs.pop("merged", False):  # the merged model instead of the delta, which reveals the changed entries
+            return push_merged_to_hub(self, repo_id, **kwargs)
         return push_delta_to_hub(self, repo_id, **kwargs)
 
     PeftModel.create_or_update_model_card = create_or_update_model_card

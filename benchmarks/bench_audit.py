@@ -1,0 +1,275 @@
+"""Does the forgetting hold? `grin_peft.audit` on every method of BENCHMARKS.md section 5, TOFU forget10.
+
+Each method unlearns a fresh copy of the cached 1.31M-parameter TOFU target with the protocol of
+``bench_tofu.py`` (NPO, 5 epochs, batch 32 + 32, constant rate, bf16 autocast, seed 0; GRIN localises on a
+400-item retain sample), then :func:`grin_peft.audit` attacks it: bitsandbytes 8-bit / NF4 / FP4, relearning on 40
+forget items (measured on the held-out rest) and on 40 retain items, paraphrased questions, a jailbreak answer
+prefix, and MinK/MinK++/LOSS/ZLib membership inference against holdout10. Outputs
+``benchmarks/results/<stem>.{json,md,png}``, rewritten after every method so an interrupted run keeps its rows.
+
+Relearning is scaled to this model: its learning rates are ~100x the 7B models' (full NPO 1e-3 here vs 1e-5 in
+the papers), so the published relearning rate (1e-5, batch 4, 15-150 steps) becomes 1e-3, batch 4, 50 steps.
+
+    python benchmarks/bench_audit.py                          # every method
+    python benchmarks/bench_audit.py --methods "full NPO lr=1e-4,GRIN 25%" --stem part1
+    python benchmarks/bench_audit.py --merge part1.json part2.json --stem audit_forget10
+
+GRIN rows are followed by the same delta after ``grin_peft.audit.floor_to_bin_width`` (``--mitigate``, default 1
+bin), audited under quantization only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import bench_tofu  # noqa: E402
+import torch
+from common import REPO, Method, atomic_write, environment, log, run_method  # benchmarks/ is on sys.path
+from tofu_eval import generation_cap
+from tofu_models import localize_sample
+
+from grin_peft.audit import RelearnSettings, audit, floor_to_bin_width  # noqa: E402
+from grin_peft.data import QAFormat, load_tofu  # noqa: E402
+
+METHODS = (
+    Method("full NPO lr=1e-4 (low)", "full", "npo", 1e-4),
+    Method("full NPO lr=1e-3 (high)", "full", "npo", 1e-3),
+    Method("LoRA r=8 NPO lr=3e-3", "lora", "npo", 3e-3),
+    Method("GRIN 1% NPO lr=1e-2 (section 5 default)", "grin", "npo", 1e-2, grin={"density": 0.01, "seed": 0}),
+    Method("GRIN 25% NPO lr=3e-3 (best frontier)", "grin", "npo", 3e-3, grin={"density": 0.25, "seed": 0}),
+    Method("mask 1% random NPO lr=1e-2", "grin", "npo", 1e-2, grin={"density": 0.01, "score": "random", "seed": 0}),
+)
+COLUMNS = (  # (header, attack, variant prefix)
+    ("8-bit", "quantization", "8bit"),
+    ("NF4", "quantization", "nf4"),
+    ("FP4", "quantization", "fp4"),
+    ("relearn forget", "relearning", "forget"),
+    ("relearn retain", "relearning", "related"),
+    ("paraphrase", "paraphrase", ""),
+    ("jailbreak", "jailbreak", ""),
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=None, help="comma-separated substrings of method names (default: all)")
+    p.add_argument("--items", type=int, default=100, help="forget/retain/holdout items measured per attack")
+    p.add_argument("--relearn-items", type=int, default=40)
+    p.add_argument("--relearn-steps", type=int, default=50)
+    p.add_argument("--relearn-lr", type=float, default=1e-3)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--stem", default="audit_forget10")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine saved parts, render, exit")
+    p.add_argument(
+        "--extra-full-lr", type=float, nargs="*", default=[], help="also full NPO at these rates (with --epochs)"
+    )
+    p.add_argument("--epochs", type=float, default=None, help="unlearning epochs of the extra rows (default 5)")
+    p.add_argument(
+        "--quantized-target", action="store_true", help="also measure the target itself under each quantization"
+    )
+    p.add_argument(
+        "--mitigate", type=float, default=1.0, help="also audit GRIN deltas floored at this many bins (0: no)"
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny everything: checks the code path in seconds")
+    return p.parse_args(argv)
+
+
+def _row_for(report: dict[str, Any], attack: str, variant: str) -> dict[str, Any] | None:
+    return next((r for r in report["rows"] if r["attack"] == attack and r["variant"].startswith(variant)), None)
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    """Recovered fraction of forget probability, and the worst of the three forget metrics in brackets."""
+    if row is None:
+        return "n/a"
+    rec = row["recovered"]
+    defined = [v for v in rec.values() if v is not None]
+    prob = "-" if rec["probability"] is None else f"{rec['probability']:.0%}"
+    return f"{prob} ({max(defined):.0%})" if defined else "not judged"
+
+
+def _module_summary(changes: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Exact aggregates over modules: changed entries, share below half a bin, share a 4-bit copy keeps."""
+    changed = sum(r["changed"] for r in changes)
+    if not changed:
+        return {"changed": 0, "below_half_bin": None, "kept_by_nf4": None, "kept_by_fp4": None}
+    out: dict[str, float | None] = {"changed": changed}
+    for key in ("below_half_bin", "kept_by_nf4", "kept_by_fp4"):
+        out[key] = sum(r[key] * r["changed"] for r in changes if r["changed"]) / changed
+    medians = [r["median_change_over_bin"] for r in changes if r["changed"]]
+    out["median_of_module_medians"] = float(torch.tensor(medians).median())
+    return out
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """One markdown table: a row per method, recovered fractions per attack, MIA and the change/bin summary."""
+    head = ["method", "forget prob o -> u", "retain prob o -> u", *[c[0] for c in COLUMNS]]
+    head += ["MinK AUC o -> u", "median |change|/NF4 bin", "changes kept by NF4 / FP4"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        rep, base = res["report"], res["report"]["baseline"]
+        mink = next((m for m in rep["membership"] if m["attack"] == "mink"), None)
+        mods = _module_summary(rep["module_changes"])
+        cells = [
+            res["method"],
+            f"{base['original']['forget']['probability']:.3f} -> {base['unlearned']['forget']['probability']:.3f}",
+            f"{base['original']['retain']['probability']:.3f} -> {base['unlearned']['retain']['probability']:.3f}",
+            *[_cell(_row_for(rep, attack, variant)) for _, attack, variant in COLUMNS],
+            "n/a" if mink is None else f"{mink['auc_original']:.3f} -> {mink['auc_unlearned']:.3f}",
+            "-" if mods.get("median_of_module_medians") is None else f"{mods['median_of_module_medians']:.3g}",
+            "-" if mods["kept_by_nf4"] is None else f"{mods['kept_by_nf4']:.0%} / {mods['kept_by_fp4']:.0%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(1, len(results))
+    for i, res in enumerate(results):
+        values = []
+        for _, attack, variant in COLUMNS:
+            row = _row_for(res["report"], attack, variant)
+            value = None if row is None else row["recovered"]["probability"]
+            values.append(0.0 if value is None else value)
+        ax.bar([j + (i - len(results) / 2 + 0.5) * width for j in range(len(COLUMNS))], values, width,
+               label=res["method"])  # fmt: skip
+    ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(COLUMNS)), [c[0] for c in COLUMNS])
+    ax.set_ylabel("recovered fraction of forget probability")
+    ax.set_title("TOFU forget10, 1.3M-parameter target: what each attack recovers (dashed: 10%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / f"{stem}.json", json.dumps({**meta, "results": results}, indent=2, default=str))
+    atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results))
+    plot(results, out / f"{stem}.png")
+
+
+def quantized_target(target, fmt, forget, modes, cap) -> dict[str, Any]:
+    """The target's own forget metrics in full precision and under each quantization (how much 4-bit costs it)."""
+    from grin_peft.audit.measure import measure
+    from grin_peft.audit.quantization import quantize
+
+    out = {"full precision": measure(target, fmt, forget, None, max_new_tokens=cap, batch_size=32)["forget"]}
+    for mode in modes:
+        out[mode] = measure(quantize(target, mode), fmt, forget, None, max_new_tokens=cap, batch_size=32)["forget"]
+    log(f"target under quantization: {out}")
+    return out
+
+
+def mitigated(model, target, forget, retain, fmt, items, cap, method, factor, modes) -> dict[str, Any]:
+    """The same delta after :func:`floor_to_bin_width`, under the quantization attack only."""
+    floored = copy.deepcopy(model)
+    info = floor_to_bin_width(floored, factor=factor)
+    name = f"{method.name} + bin-width floor x{factor:g}"
+    log(f"{name}: raised {info['raised']:,} of {info['entries']:,} entries")
+    report = audit(
+        floored, forget, retain, tokenizer=fmt, original=copy.deepcopy(target), attacks=["quantization"],
+        quantization_modes=modes, max_items=items, max_new_tokens=cap, batch_size=32, name=name,
+        log=lambda m: log(f"  {m[:150]}"),
+    )  # fmt: skip
+    return {"method": name, "config": {**method.describe(), "mitigation": info}, "report": report.to_dict()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    warnings.filterwarnings("ignore")  # transformers' deprecation notes, bitsandbytes' CPU-kernel note
+    args = parse_args(argv)
+    out = Path(args.out)
+    meta = {"command": "python benchmarks/bench_audit.py " + " ".join(sys.argv[1:]), "environment": environment()}
+    if args.merge:
+        parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        meta["parts"] = [{k: v for k, v in part.items() if k != "results"} for part in parts]
+        order = {m.name: i for i, m in enumerate(METHODS)}
+
+        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # each floored delta right after its own row
+            base, _, floor = result["method"].partition(" + bin-width floor")
+            return order.get(base, len(order)), bool(floor)
+
+        write(sorted((r for part in parts for r in part["results"]), key=rank), meta, out, args.stem)
+        return
+    torch.set_num_threads(1)
+    tofu_args = bench_tofu.parse_args(["--workers", "1", *(["--smoke"] if args.smoke else [])])
+    data = Path(tofu_args.data)
+    setup = bench_tofu.tiny_setup(tofu_args, data)
+    target, _ = bench_tofu.load_or_train("target", "forget10", data, *setup)
+    fmt = QAFormat(setup[2])
+    train = bench_tofu.train_arguments(tofu_args, False, 1)
+    forget, retain = load_tofu("forget10_perturbed", data), load_tofu("retain90", data)
+    holdout = load_tofu("holdout10", data)
+    items = 6 if args.smoke else args.items
+    if args.smoke:
+        forget, retain = forget[:12], retain[:12]
+        train = {**train, "num_train_epochs": 1}
+    modes = ("8bit",) if args.smoke else ("8bit", "nf4", "fp4")  # the smoke model's rows are narrower than a block
+    relearn = RelearnSettings(
+        items=min(args.relearn_items, len(forget) // 2), steps=args.relearn_steps, lr=args.relearn_lr
+    )
+    cap = generation_cap(fmt, {"forget": forget[:items], "retain": retain[:items]})
+    wanted = [w.strip().lower() for w in (args.methods or "").split(",") if w.strip()]
+    methods = [m for m in METHODS if wanted and any(w in m.name.lower() for w in wanted)]
+    if not wanted and not args.extra_full_lr:
+        methods = list(METHODS)
+    epochs = args.epochs or train["num_train_epochs"]
+    methods += [Method(f"full NPO lr={lr:g}, {epochs:g} epochs", "full", "npo", lr) for lr in args.extra_full_lr]
+    if args.epochs:
+        train = {**train, "num_train_epochs": args.epochs}
+    meta["settings"] = {"train": train, "items": items, "relearn": vars(relearn), "max_new_tokens": cap}
+    results: list[dict[str, Any]] = []
+    if args.quantized_target:
+        meta["quantized_target"] = quantized_target(target, fmt, forget[:items], modes, cap)
+    localize_retain = localize_sample(retain, 400, 0)
+    with tempfile.TemporaryDirectory(prefix="bench_audit_") as workdir:
+        for method in methods:
+            t0 = time.perf_counter()
+            log(f"{method.name}: unlearning")
+            model, cost = run_method(
+                method, lambda: copy.deepcopy(target), fmt, forget, retain, train=train, workdir=workdir,
+                localize_retain=localize_retain, log=log,
+            )  # fmt: skip
+            original = copy.deepcopy(target) if method.kind == "full" else None
+            report = audit(
+                model, forget, retain, tokenizer=fmt, original=original, holdout=holdout, max_items=items,
+                relearn_settings=relearn, max_new_tokens=cap, quantization_modes=modes, batch_size=32,
+                name=method.name, log=lambda m: log(f"  {m[:150]}"),
+            )  # fmt: skip
+            results.append(
+                {
+                    "method": method.name,
+                    "config": method.describe(),
+                    "train_seconds": cost.get("wall_seconds"),
+                    "audit_seconds": report.seconds,
+                    "trainable_entries": cost.get("trainable_entries"),
+                    "report": report.to_dict(),
+                }
+            )
+            if method.kind == "grin" and args.mitigate:
+                results.append(mitigated(model, target, forget, retain, fmt, items, cap, method, args.mitigate, modes))
+            log(f"{method.name}: {time.perf_counter() - t0:.0f} s")
+            write(results, meta, out, args.stem)
+    write(results, meta, out, args.stem)  # also when no method ran (--methods none --quantized-target)
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
