@@ -297,6 +297,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, kept separate so the docs and tests can inspect it."""
     from .demo import DEFAULTS
+    from .ledger.cli import add_parser as add_ledger_parser
 
     parser = argparse.ArgumentParser(
         prog="grin-peft",
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    add_ledger_parser(sub)
     return parser
 
 
