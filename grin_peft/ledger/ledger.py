@@ -178,24 +178,28 @@ class Ledger:
 
     @staticmethod
     def _check_made_for(delta: RequestDelta, bound: Entries, model, arch: str, before: str, level: str) -> None:
+        """Refuse (or warn about) a delta made for another model or state: its recorded architecture, fingerprint
+        and base values must be this model's now. One problem is reported: the others follow from it."""
         where = delta.source.describe()
+        problem = None
         if delta.base_architecture and delta.base_architecture != arch:
-            _policy(level, f"{where}: the delta was made for a {delta.base_architecture} model, this one is {arch}.")
+            problem = f"{where}: the delta was made for a {delta.base_architecture} model, this one is {arch}."
         elif delta.base_fingerprint is None:
-            _policy(level, f"{where}: the delta records no base_model_fingerprint.")
+            problem = f"{where}: the delta records no base_model_fingerprint."
         elif delta.base_fingerprint != before:
-            _policy(
-                level,
+            problem = (
                 f"{where}: the delta was made for another state of the model (fingerprint mismatch: another base, "
-                "or before/after other requests).",
+                "or before/after other requests)."
             )
         for key, (idx, _) in bound.items():
+            if problem is not None:
+                break
             weight = weight_of(model, key)
             base = delta.modules[key.removesuffix(".weight")].base_values
-            current = weight.detach().reshape(-1)[idx].cpu()
-            if not torch.equal(current, base.to(weight.dtype)):
-                _policy(level, f"{where}: the model's values differ from the delta's base values at {key}.")
-                return
+            if not torch.equal(weight.detach().reshape(-1)[idx].cpu(), base.to(weight.dtype)):
+                problem = f"{where}: the model's values differ from the delta's base values at {key}."
+        if problem is not None:
+            _policy(level, problem)
 
     # ---------------------------------------------------------------- revert
     def revert(self, request_id: int, *, reason: str = "") -> Record:
