@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--authors-per-request", type=int, default=2, help="2 authors = forget01's size (40 items)")
     p.add_argument("--epochs", type=float, default=10.0, help="NPO passes over each request's forget items")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr-grin", type=float, default=3e-2)
+    p.add_argument("--lr-grin", type=float, default=3e-3)
     p.add_argument("--density", type=float, default=0.05)
     p.add_argument("--lr-full", type=float, default=3e-4)
     p.add_argument("--lr-lora", type=float, default=3e-3)
