@@ -8,9 +8,12 @@ import sys
 import threading
 
 import pytest
-from test_ledger import apply_requests, assert_weights, deploy, make_delta, merged_with_peft, snapshot
+from hub_server import unique_repo_id
+from huggingface_hub import snapshot_download
+from peft import get_peft_model
+from test_ledger import apply_requests, assert_weights, deploy, load, make_delta, merged_with_peft, snapshot
 
-from grin_peft import GrinError
+from grin_peft import GrinConfig, GrinError
 from grin_peft.cli import main
 from grin_peft.ledger import Ledger, files
 from grin_peft.ledger.card import HEADING
@@ -126,3 +129,20 @@ def test_the_model_card_lists_the_applied_requests(tmp_path):
     record = Ledger(model).show()
     assert all(r.delta_sha256[:16] in section for r in record.requests)
     assert record.model_fingerprint in section
+
+
+def test_a_hub_delta_is_pinned_to_its_commit_and_replayed_from_it(hub, tmp_path):
+    model, _ = apply_requests(tmp_path, 1)
+    repo_id = unique_repo_id("grin-ledger")
+    config = GrinConfig(target_modules=["q_proj"], density=0.3, score="random", init_weights=False, seed=7)
+    get_peft_model(load(model), config).push_to_hub(repo_id)
+    request = Ledger(model).apply(repo_id, description="from the Hub")
+    assert request.delta.repo_id == repo_id and request.delta.path is None
+    assert len(request.delta.revision) == 40 and repo_id in request.delta.describe()
+    pushed = get_peft_model(load(tmp_path / "original"), GrinConfig(target_modules=["q_proj"], density=0.05))
+    pushed.push_to_hub(repo_id)  # a later commit to the repo does not change what the ledger replays
+    Ledger(model).revert(1)
+    local = tmp_path / "hub-copy"
+    snapshot_download(repo_id, revision=request.delta.revision, local_dir=local)
+    assert_weights(model, merged_with_peft(tmp_path / "original", [str(local)]))
+    assert Ledger(model).verify().ok
