@@ -38,6 +38,7 @@ from .replay import (
     replay,
     resolve_source,
     step,
+    uncovered,
     weight_of,
     write_state,
 )
@@ -217,12 +218,9 @@ class Ledger:
             self._check_model(old, architecture(model), fingerprint(model))
             bound = [d.bind(model) for d in deltas]
             for request, entries in zip(remaining, bound):
-                unknown = sorted(set(entries) - set(originals))
-                unknown += [
-                    k for k in entries if k in originals and not bool(torch.isin(entries[k][0], originals[k][0]).all())
-                ]
-                if unknown:
-                    raise GrinError(f"request {request.id}: entries in {unknown[0]} have no recorded original value.")
+                key = uncovered(originals, entries)
+                if key is not None:
+                    raise GrinError(f"request {request.id}: entries in {key} have no recorded original value.")
             states = replay(originals, bound)
             prints = [fingerprint_of(model, originals, s) for s in states]
             if prints[0] != old.original_fingerprint:
@@ -275,12 +273,18 @@ class Ledger:
         bound, missing = [], []
         for request in led.requests:
             try:
-                bound.append(read_delta(request.delta, request.delta_sha256).bind(model))
+                entries = read_delta(request.delta, request.delta_sha256).bind(model)
             except GrinError as exc:
                 missing.append(request.id)
                 report.problems.append(f"request {request.id}: {exc}")
+                continue
+            key = uncovered(originals, entries)
+            if key is not None:
+                missing.append(request.id)
+                report.problems.append(f"request {request.id}: entries in {key} have no recorded original value")
+            bound.append(entries)
         if missing:
-            report.problems.append(f"entries not checked: the delta(s) of request(s) {missing} cannot be read")
+            report.problems.append(f"entries not checked: request(s) {missing} cannot be replayed")
             return
         differing = differing_entries(model, originals, replay(originals, bound)[-1])
         for key, count in differing.items():

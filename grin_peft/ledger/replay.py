@@ -174,18 +174,18 @@ def differing_entries(model: nn.Module, originals: Entries, state: dict[str, tor
     out = {}
     for key, values in state.items():
         current = weight_of(model, key).detach().reshape(-1)[originals[key][0]].cpu()
-        count = (
-            int(
-                (
-                    current.view(torch.uint8).reshape(current.numel(), -1)
-                    != values.view(torch.uint8).reshape(values.numel(), -1)
-                )
-                .any(1)
-                .sum()
-            )
-            if values.numel()
-            else 0
+        same = current.view(torch.uint8).reshape(current.numel(), -1) == values.view(torch.uint8).reshape(
+            values.numel(), -1
         )
+        count = int((~same.all(1)).sum())
         if count:
             out[key] = count
     return out
+
+
+def uncovered(originals: Entries, delta: Entries) -> str | None:
+    """The first weight key where a delta has entries without a recorded original value (None: all covered)."""
+    for key, (idx, _) in delta.items():
+        if key not in originals or not bool(torch.isin(idx, originals[key][0]).all()):
+            return key
+    return None
