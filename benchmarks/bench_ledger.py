@@ -18,8 +18,11 @@ request 1; LoRA: delete adapter 2, which is instant but is not the model without
 with it present). Finally the union of independently made GRIN deltas (`add_weighted_adapter`, all weights 1)
 against sequential application.
 
-    nice -n 10 python benchmarks/bench_ledger.py            # ~15-25 min on one shared core
-    python benchmarks/bench_ledger.py --smoke --out /tmp/x  # every code path in about a minute
+    nice -n 10 python benchmarks/bench_ledger.py --workers 4   # one process per method
+    python benchmarks/bench_ledger.py --smoke --out /tmp/x     # every code path in about a minute
+
+Teacher-forced numbers after every step; greedy generation (forget ROUGE-L, model utility) after the last request,
+after the revert and for the union, where it is worth its cost.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import copy
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=100, help="items of retain/real_authors/world_facts evaluated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="run the four methods in this many processes (1 or 4)")
+    p.add_argument("--part", choices=["all", "grin", "union", "full", "lora"], default="all", help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="tiny untrained-ish model, few items: code paths only")
     args = p.parse_args(argv)
     # what tofu_models.tiny_setup reads
@@ -107,35 +113,52 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     return ctx
 
 
-def group_eval(model: torch.nn.Module, ctx: dict[str, Any], items: list, ref: list | None) -> dict[str, Any]:
+def group_eval(
+    model: torch.nn.Module, ctx: dict[str, Any], items: list, ref: list | None, generate: bool = False
+) -> dict[str, Any]:
     out = evaluate_qa(
-        model, ctx["fmt"], items, truth_ratio_form="forget", max_new_tokens=ctx["cap"], batch_size=64, progress=False
+        model,
+        ctx["fmt"],
+        items,
+        truth_ratio_form="forget",
+        generate=generate,
+        max_new_tokens=ctx["cap"],
+        batch_size=64,
+        progress=False,
     )
     ratios = out["per_item"]["truth_ratio"]
     return {
         "probability": out["summary"]["probability"],
         "truth_ratio": out["summary"]["truth_ratio"],
-        "rouge_l_recall": out["summary"]["rouge_l_recall"],
+        "rouge_l_recall": out["summary"].get("rouge_l_recall"),
         "forget_quality": None if ref is None else forget_quality(ratios, ref),
         "truth_ratios": ratios,
     }
 
 
-def evaluate_state(model: torch.nn.Module, ctx: dict[str, Any], upto: int) -> dict[str, Any]:
-    """Forget metrics of requests 1..upto+1 (0-based `upto`), retain probability and model utility."""
+def evaluate_state(model: torch.nn.Module, ctx: dict[str, Any], upto: int, full: bool = False) -> dict[str, Any]:
+    """Requests 1..upto+1 (0-based `upto`): forget answer probability, truth ratio and forget quality, and retain
+    answer probability, teacher-forced. `full` adds greedy generation: forget ROUGE-L and model utility."""
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         shown = range(min(upto + 1, len(ctx["groups"])))
-        groups = [group_eval(model, ctx, ctx["groups"][k], ctx["ref_ratios"][k]) for k in shown]
-        util = evaluate_tofu(model, ctx["fmt"], ctx["util"], max_new_tokens=ctx["cap"], batch_size=64, progress=False)
+        groups = [group_eval(model, ctx, ctx["groups"][k], ctx["ref_ratios"][k], full) for k in shown]
+        if full:
+            util = evaluate_tofu(
+                model, ctx["fmt"], ctx["util"], max_new_tokens=ctx["cap"], batch_size=64, progress=False
+            )["summary"]
+        else:
+            retain = evaluate_qa(
+                model, ctx["fmt"], ctx["util"]["retain"], generate=False, batch_size=64, progress=False
+            )["summary"]
+            util = {"retain_probability": retain["probability"], "model_utility": None}
     for g in groups:
         g.pop("truth_ratios")
-    summary = util["summary"]
     return {
         "requests": groups,
-        "retain_probability": summary["retain_probability"],
-        "model_utility": summary["model_utility"],
+        "retain_probability": util["retain_probability"],
+        "model_utility": util["model_utility"],
         "eval_seconds": time.perf_counter() - t0,
     }
 
@@ -181,7 +204,7 @@ def grin_sequential(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -
         request = ledger.apply(str(delta), description=f"request {k + 1}: forget {args.authors_per_request} authors")
         apply_s = time.perf_counter() - t0
         deltas.append(delta)
-        state = evaluate_state(load_folder(deployed), ctx, k)
+        state = evaluate_state(load_folder(deployed), ctx, k, full=k == len(ctx["groups"]) - 1)
         steps.append(
             {**state, "train_seconds": info["wall_seconds"], "apply_seconds": apply_s, "entries": request.entries}
         )
@@ -192,7 +215,7 @@ def grin_sequential(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -
         ledger.revert(2, reason="benchmark: made in error")
         revert["seconds"] = time.perf_counter() - t0
         reverted = load_folder(deployed)
-        revert["after"] = evaluate_state(reverted, ctx, len(deltas) - 1)
+        revert["after"] = evaluate_state(reverted, ctx, len(deltas) - 1, full=True)
         revert["bit_exact"] = replay_matches(reverted, original, [d for i, d in enumerate(deltas) if i != 1])
         t0 = time.perf_counter()
         report = ledger.verify()
@@ -242,7 +265,7 @@ def full_sequential(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -
         base = current
         current, info = train("full", lambda b=base: copy.deepcopy(b), ctx, k, args, str(work / "tmp"))
         checkpoints.append(current)
-        state = evaluate_state(current, ctx, k)
+        state = evaluate_state(current, ctx, k, full=k == len(ctx["groups"]) - 1)
         steps.append({**state, "train_seconds": info["wall_seconds"]})
         log(f"full NPO step {k + 1}: {summary_line(state)}")
     revert = {}
@@ -253,7 +276,7 @@ def full_sequential(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -
             base = current
             current, _ = train("full", lambda b=base: copy.deepcopy(b), ctx, k, args, str(work / "tmp"))
         revert["seconds"] = time.perf_counter() - t0
-        revert["after"] = evaluate_state(current, ctx, len(ctx["groups"]) - 1)
+        revert["after"] = evaluate_state(current, ctx, len(ctx["groups"]) - 1, full=True)
     return {"steps": steps, "revert_2": revert}
 
 
@@ -289,7 +312,7 @@ def lora_stacked(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         with quiet_transformers():
             trainer.train()
         seconds = time.perf_counter() - t0
-        state = evaluate_state(model, ctx, k)
+        state = evaluate_state(model, ctx, k, full=k == len(ctx["groups"]) - 1)
         steps.append({**state, "train_seconds": seconds})
         log(f"LoRA stacked step {k + 1}: {summary_line(state)}")
     revert = {}
@@ -298,7 +321,7 @@ def lora_stacked(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         model.delete_adapter(names[1])
         model.base_model.set_adapter([n for n in names if n != names[1]])
         revert["seconds"] = time.perf_counter() - t0
-        revert["after"] = evaluate_state(model, ctx, len(names) - 1)
+        revert["after"] = evaluate_state(model, ctx, len(names) - 1, full=True)
     return {"steps": steps, "revert_2": revert}
 
 
@@ -319,17 +342,15 @@ def grin_union(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
     model.add_weighted_adapter(names, [1.0] * len(names), "union")
     model.set_adapter("union")
     merged = model.merge_and_unload(adapter_names=["union"])
-    state = evaluate_state(merged, ctx, len(names) - 1)
+    state = evaluate_state(merged, ctx, len(names) - 1, full=True)
     log(f"GRIN union: {summary_line(state)}")
     return {"final": state, "train_seconds": seconds}
 
 
 def summary_line(state: dict[str, Any]) -> str:
     probs = " ".join(f"{g['probability']:.3f}" for g in state["requests"])
-    return (
-        f"forget prob per request [{probs}], retain {state['retain_probability']:.3f}, "
-        f"utility {state['model_utility']:.3f}"
-    )
+    retain, utility = state["retain_probability"], fmt(state["model_utility"])
+    return f"forget prob per request [{probs}], retain {retain:.3f}, utility {utility}"
 
 
 def fmt(value: Any) -> str:
@@ -373,7 +394,7 @@ def render(result: dict[str, Any]) -> str:
             probs = ", ".join(f"{g['probability']:.3f}" for g in after["requests"])
             lines.append(
                 f"\nRevert request 2: {rev['seconds']:.2f} s; afterwards forget prob per request [{probs}], retain "
-                f"{after['retain_probability']:.3f}, utility {after['model_utility']:.3f}."
+                f"{after['retain_probability']:.3f}, utility {fmt(after['model_utility'])}."
                 + (f" Bit-exact vs merging deltas 1,3,4,5 into the original: {rev['bit_exact']}; entries shared by "
                    f"two or more deltas: {rev['overlap_entries']}; verify {rev['verify_seconds']:.2f} s, ok "
                    f"{rev['verify_ok']}." if "bit_exact" in rev else "")
@@ -388,33 +409,55 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = {"grin": grin_sequential, "union": grin_union, "full": full_sequential, "lora": lora_stacked}
+
+
+def run_parts(args: argparse.Namespace, parts: list[str], out: Path, stem: str) -> None:
+    """Run some methods in this process; each writes <stem>.<part>.json."""
+    ctx = setup(args)
+    for part in parts:
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
+            result = PARTS[part](ctx, args, Path(tmp))
+        result.pop("deltas", None)
+        if part == "grin":
+            result["target"] = evaluate_state(ctx["target"], ctx, len(ctx["groups"]) - 1, full=True)
+        result["wall_seconds"] = time.perf_counter() - started
+        atomic_write(out / f"{stem}.{part}.json", json.dumps(result, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    ctx = setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "ledger_smoke" if args.smoke else "ledger_sequential"
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    if args.workers > 1 and args.part == "all":  # one process per method: each gets its own share of the CPU
+        procs = [subprocess.Popen([sys.executable, __file__, *argv, "--part", part]) for part in parts]
+        if any(proc.wait() != 0 for proc in procs):
+            raise SystemExit("a worker failed")
+    else:
+        run_parts(args, parts, out, stem)
+    if args.part != "all":
+        return {}
     result: dict[str, Any] = {
-        "command": " ".join(["python", "benchmarks/bench_ledger.py", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out", "cache_dir")},
+        "command": " ".join(["python", "benchmarks/bench_ledger.py", *argv]),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out", "cache_dir", "part")},
         "labels": {
             "grin": f"GRIN {args.density:g} density, NPO lr {args.lr_grin:g}, sequential deltas through the ledger",
             "full": f"full-parameter NPO lr {args.lr_full:g}, sequential",
             "lora": f"LoRA r=8 NPO lr {args.lr_lora:g}, stacked adapters",
         },
-        "target": evaluate_state(ctx["target"], ctx, len(ctx["groups"]) - 1),
     }
-    with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
-        work = Path(tmp)
-        result["grin"] = grin_sequential(ctx, args, work)
-        result["union"] = grin_union(ctx, args, work)
-        result["full"] = full_sequential(ctx, args, work)
-        result["lora"] = lora_stacked(ctx, args, work)
-    result["grin"].pop("deltas")
+    for part in parts:
+        result[part] = json.loads((out / f"{stem}.{part}.json").read_text())
+        (out / f"{stem}.{part}.json").unlink()
+    result["target"] = result["grin"].pop("target")
     result["wall_seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "ledger_smoke" if args.smoke else "ledger_sequential"
     atomic_write(out / f"{stem}.json", json.dumps(result, indent=2))
     atomic_write(
         out / f"{stem}.md", f"Command: `{result['command']}` ({result['wall_seconds']:.0f} s)\n\n" + render(result)
