@@ -26,6 +26,7 @@ _LAZY = {
     "OperatingPoint": "operating_point",
     "UnlearnResult": "pipeline",
     "LocalizationReport": "localize.report",
+    "Ledger": "ledger",
 }
 
 __all__ = [

@@ -27,6 +27,12 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_the_python_api_is_importable_from_the_package():
+    import grin_peft
+
+    assert grin_peft.Ledger is Ledger
+
+
 def test_cli_apply_show_revert_verify(tmp_path, capsys):
     model = deploy(tmp_path)
     delta1 = make_delta(model, tmp_path / "d1", seed=1)
