@@ -27,11 +27,16 @@ def load(folder) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
 
 
-def make_delta(model_folder, out, seed, density=0.3) -> str:
+def make_delta(model_folder, out, seed, density=0.3, description=None) -> str:
     """A GRIN delta made for the model folder as it is now: random entries (dense enough that deltas of different
     seeds share entries) and random values."""
     config = GrinConfig(
-        target_modules=["q_proj", "down_proj"], density=density, score="random", init_weights=False, seed=seed
+        target_modules=["q_proj", "down_proj"],
+        density=density,
+        score="random",
+        init_weights=False,
+        seed=seed,
+        forget_description=description,
     )
     get_peft_model(load(model_folder), config).save_pretrained(out)
     return str(out)

@@ -38,10 +38,10 @@ def test_cli_apply_show_revert_verify(tmp_path, capsys):
     delta1 = make_delta(model, tmp_path / "d1", seed=1)
     code, out, _ = run(capsys, "apply", "--model", model, "--delta", delta1, "--description", "author A")
     assert code == 0 and "request 1 applied" in out and "revert --model" in out
-    delta2 = make_delta(model, tmp_path / "d2", seed=2)
+    delta2 = make_delta(model, tmp_path / "d2", seed=2, description="author B (from the delta's config)")
     assert run(capsys, "apply", "--model", model, "--delta", delta2)[0] == 0
     code, out, _ = run(capsys, "show", "--model", model)
-    assert code == 0 and "| 1 |" in out and "author A" in out and "| 2 |" in out
+    assert code == 0 and "| 1 |" in out and "author A" in out and "| 2 |" in out and "author B (from" in out
     code, out, _ = run(capsys, "show", "--model", model, "--json")
     assert [r["id"] for r in json.loads(out)["requests"]] == [1, 2]
     code, out, _ = run(capsys, "revert", "--model", model, "--request", 1, "--reason", "made in error")

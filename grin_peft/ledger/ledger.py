@@ -149,7 +149,7 @@ class Ledger:
             after = fingerprint_of(model, originals, state)
             request = Request(
                 id=old.next_id,
-                description=description if description is not None else self._default_description(source),
+                description=description if description is not None else request_delta.forget_description or "",
                 delta=source,
                 delta_sha256=request_delta.sha256,
                 entries=sum(int(idx.numel()) for idx, _ in bound.values()),
@@ -167,15 +167,6 @@ class Ledger:
             )
             self._commit(old, new, model, originals, state)
             return request
-
-    @staticmethod
-    def _default_description(source) -> str:
-        from ..delta_file import read_config_dict
-
-        where = source.path or source.repo_id
-        hub = {} if source.path else {k: v for k, v in (("revision", source.revision),) if v}
-        raw = read_config_dict(where, None if source.path else source.subfolder, **hub)
-        return str(raw.get("forget_description") or "")
 
     @staticmethod
     def _check_made_for(delta: RequestDelta, bound: Entries, model, arch: str, before: str, level: str) -> None:

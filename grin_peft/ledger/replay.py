@@ -44,6 +44,7 @@ class RequestDelta:
     modules: dict[str, ModuleDelta]
     base_fingerprint: str | None
     base_architecture: str | None
+    forget_description: str | None
 
     def bind(self, model: nn.Module) -> Entries:
         """Per weight key ("<module>.weight"), the delta's sorted flat indices and values, checked against `model`:
@@ -113,7 +114,9 @@ def read_delta(source: DeltaSource, expected_sha256: str | None = None) -> Reque
         )
     if not modules:
         raise GrinError(f"{source.describe()}: the delta holds no GRIN entries.")
-    return RequestDelta(source, sha, modules, config.base_model_fingerprint, config.base_model_architecture)
+    return RequestDelta(
+        source, sha, modules, config.base_model_fingerprint, config.base_model_architecture, config.forget_description
+    )
 
 
 def weight_of(model: nn.Module, key: str) -> torch.Tensor:
