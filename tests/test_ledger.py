@@ -278,3 +278,14 @@ def test_an_interrupted_operation_is_completed_by_the_next_one(tmp_path, monkeyp
     assert_weights(model, merged_with_peft(tmp_path / "original", [delta]))
     assert Ledger(model).verify().ok
     assert not list(model.glob("*.grin-tmp"))
+
+
+def test_a_delta_with_empty_modules_is_applied_verified_and_reverted(tmp_path):
+    model = deploy(tmp_path)
+    config = GrinConfig(target_modules=["q_proj", "down_proj"], num_entries=1, score="random", init_weights=False)
+    get_peft_model(load(model), config).save_pretrained(tmp_path / "one")
+    assert sum(len(v) for v in entries(tmp_path / "one").values()) == 1
+    Ledger(model).apply(str(tmp_path / "one"))
+    assert Ledger(model).verify().ok
+    Ledger(model).revert(1)
+    assert_weights(model, load(tmp_path / "original").state_dict())

@@ -176,6 +176,8 @@ def differing_entries(model: nn.Module, originals: Entries, state: dict[str, tor
     """Per weight key, how many ledger entries of the model differ from `state` (bit for bit)."""
     out = {}
     for key, values in state.items():
+        if not values.numel():
+            continue
         current = weight_of(model, key).detach().reshape(-1)[originals[key][0]].cpu()
         same = current.view(torch.uint8).reshape(current.numel(), -1) == values.view(torch.uint8).reshape(
             values.numel(), -1
