@@ -8,7 +8,6 @@ the metadata and every other file of the model folder are left byte for byte as 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -157,6 +156,8 @@ def locked(folder: str, timeout: float | None = None, shared: bool = False) -> I
     """Hold the folder's ledger lock (flock on `.grin_ledger.lock`): exclusive for apply/revert, shared for
     show/verify, so no two operations interleave and no reader sees a half-done one. Waits up to `timeout` seconds
     (None: as long as it takes)."""
+    import fcntl  # POSIX only: imported here so that the rest of grin_peft (and its CLI) still loads elsewhere
+
     if not os.path.isdir(folder):
         raise GrinError(f"{folder}: no such model folder.")
     path = os.path.join(folder, LOCK_NAME)
