@@ -28,6 +28,7 @@ _LAZY = {
     "UnlearnResult": "pipeline",
     "LocalizationReport": "localize.report",
     "fila_initialize": "fila",
+    "Ledger": "ledger",
 }
 
 __all__ = [

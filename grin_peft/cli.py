@@ -415,6 +415,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, kept separate so the docs and tests can inspect it; imports nothing heavy."""
     from .audit import cli as audit_cli
+    from .ledger.cli import add_parser as add_ledger_parser
 
     parser = argparse.ArgumentParser(
         prog="grin-peft",
@@ -520,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     audit_cli.add_parser(sub)
+    add_ledger_parser(sub)
     return parser
 
 
