@@ -50,9 +50,10 @@ Three modes:
 
 **Model regimes** (parameters per memorised fact; ``--regime``, see ``benchmarks/tofu_models.py``): ``1m`` the
 default 1.3M-parameter target on all 200 authors, ``5m`` a 5.8M-parameter one (hidden 256, 4 layers), ``authors40``
-the 1.3M model memorising 40 authors only (the forget10 authors and the retain evaluation's 20; ``--authors N``
-adds a seeded sample of the others), with retain, evaluation and reference data restricted consistently. Each
-regime's models are cached under their own key, so only the first run of a regime trains them. A list
+the 1.3M model memorising 40 authors only (the forget10 authors and the retain evaluation's 20), ``authors100``
+the same with 60 more, a seeded sample (``--authors N`` for any other count), with retain, evaluation and reference
+data restricted consistently. Each regime's models are cached under their own key, so only the first run of a
+regime trains them. A list
 (``--regime 1m,5m,authors40``) runs the protocol once per regime and writes ``<stem>_regimes.md`` side by side.
 
 Runs go to ``--workers`` single-thread processes (default 2 on a CPU) that take the next unclaimed job from one

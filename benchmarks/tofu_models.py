@@ -63,6 +63,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     "1m": {"hidden": 128, "layers": 2, "authors": None},  # 1.31M parameters, 4,217 memorised items
     "5m": {"hidden": 256, "layers": 4, "authors": None},  # 5.8M parameters, same items
     "authors40": {"hidden": 128, "layers": 2, "authors": 40},  # 1.31M parameters, 800 + 217 items
+    "authors100": {"hidden": 128, "layers": 2, "authors": 100},  # 1.31M parameters, 2,000 + 217 items
 }
 
 
