@@ -206,6 +206,26 @@ def save_delta_folder(peft_model, original_save, save_directory, *args, **kwargs
     save_folder(save_directory, write)
 
 
+def _upload(repo_id: str, fill, *, token, private, commit_message: str, revision, create_pr: bool):
+    """Create the repo if needed, let ``fill(folder, repo_id)`` write a temporary folder, upload it as one commit."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as work_dir:
+        folder = os.path.join(work_dir, "upload")
+        fill(folder, repo_id)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
 def push_delta_to_hub(
     peft_model,
     repo_id: str,
@@ -224,27 +244,25 @@ def push_delta_to_hub(
     transformers' push_to_hub would overwrite the README with its own generic card after saving; GRIN deltas keep
     theirs, because the card is how people find out what a delta forgets.
     """
-    import tempfile
+    from huggingface_hub import ModelCard
 
-    from huggingface_hub import HfApi, ModelCard
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as work_dir:
-        folder = os.path.join(work_dir, "delta")
+    def fill(folder: str, resolved_id: str) -> None:
         peft_model.save_pretrained(folder, **save_kwargs)
-        write_card(peft_model, folder, peft_model.grin_delta_sha256, repo_id)
+        write_card(peft_model, folder, peft_model.grin_delta_sha256, resolved_id)
         if tags:
             card = ModelCard.load(os.path.join(folder, CARD_NAME))
             card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
             card.save(os.path.join(folder, CARD_NAME))
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message or "Upload GRIN unlearning delta",
-            revision=revision,
-            create_pr=create_pr,
-        )
+
+    info = _upload(
+        repo_id,
+        fill,
+        token=token,
+        private=private,
+        commit_message=commit_message or "Upload GRIN unlearning delta",
+        revision=revision,
+        create_pr=create_pr,
+    )
     print(f"pushed {repo_id}; delta sha256 {peft_model.grin_delta_sha256}", file=sys.stderr)
     return info
 
@@ -264,25 +282,26 @@ def push_merged_to_hub(
     """Push the merged model (base + delta, one ordinary transformers model) instead of the delta, so the Hub copy
     does not say which entries unlearning changed. Merges a copy: ``peft_model`` keeps its adapters."""
     import copy
-    import tempfile
 
-    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub import ModelCard
 
     merged = copy.deepcopy(peft_model).merge_and_unload(safe_merge=True)
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as work_dir:
-        merged.save_pretrained(work_dir, **save_kwargs)
+
+    def fill(folder: str, resolved_id: str) -> None:
+        merged.save_pretrained(folder, **save_kwargs)
         card = ModelCard(MERGED_CARD)
         card.data["tags"] = sorted({"grin", "unlearning", *(tags or [])})
-        card.save(os.path.join(work_dir, "README.md"))
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=work_dir,
-            commit_message=commit_message or "Upload unlearned model (GRIN delta merged)",
-            revision=revision,
-            create_pr=create_pr,
-        )
+        card.save(os.path.join(folder, CARD_NAME))
+
+    return _upload(
+        repo_id,
+        fill,
+        token=token,
+        private=private,
+        commit_message=commit_message or "Upload unlearned model (GRIN delta merged)",
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
 def install() -> None:
