@@ -35,7 +35,13 @@ from typing import Any
 
 import bench_tofu  # noqa: E402
 import torch
-from common import REPO, atomic_write, environment, quiet_transformers  # benchmarks/ is on sys.path as a script
+from common import (  # benchmarks/ is on sys.path as a script
+    REPO,
+    atomic_write,
+    cache_root,
+    environment,
+    quiet_transformers,
+)
 
 from grin_peft.cli import main as cli_main  # noqa: E402
 from grin_peft.data import QAFormat, load_tofu  # noqa: E402
@@ -43,6 +49,11 @@ from grin_peft.operating_point import OperatingPoint, search, split_heldout  # n
 from grin_peft.synthetic import write_jsonl  # noqa: E402
 from grin_peft.trainer import UnlearningArguments, UnlearningTrainer, encode_dataset  # noqa: E402
 
+MODEL_LABELS = {
+    "demo": "demo (10 forget / 90 retain)",
+    "tofu": "TOFU target",
+    "hazard": "WMDP-style (100 forget / 417 general)",
+}
 LR_GRIDS = {"full": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3), "lora": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)}
 
 
@@ -76,6 +87,24 @@ def demo_target(work: Path) -> Path:
     return folder
 
 
+def hazard_target(work: Path) -> Path:
+    """The WMDP-style task of bench_hazard.py (its cached model): forget the memorised WMDP-bio answers, retain the
+    general items, saved as a model folder with its data."""
+    import bench_hazard
+
+    settings = bench_hazard.HazardSettings()
+    data = bench_hazard.DEFAULT_DATA
+    model, fmt, _ = bench_hazard.load_or_train(data, settings, cache_root("hazard"))
+    corpus = bench_hazard.build_corpus(data, settings)
+    folder = work / "hazard"
+    if not (folder / "model").exists():
+        model.save_pretrained(folder / "model")
+        fmt.tokenizer.save_pretrained(folder / "model")
+        write_jsonl(bench_hazard.wmdp_qa(corpus["wmdp_forget"]), folder / "forget.jsonl")
+        write_jsonl(corpus["general"], folder / "retain.jsonl")
+    return folder
+
+
 def run_cli(folder: Path, seed: int) -> dict[str, Any]:
     """`grin-peft unlearn` with no tuning flag (but the seed); the summary it wrote (or what it printed)."""
     output = folder / f"delta-{time.time_ns()}"
@@ -89,7 +118,7 @@ def run_cli(folder: Path, seed: int) -> dict[str, Any]:
         "command": "grin-peft " + " ".join(argv),
         "exit_code": code,
         "seconds": time.perf_counter() - started,
-        "stdout_tail": stdout.getvalue().splitlines()[-8:],
+        "stdout": stdout.getvalue().splitlines(),
         "error": [line for line in stderr.getvalue().splitlines() if "error:" in line],
     }
     summary_file = output / "unlearn_summary.json"
@@ -99,7 +128,9 @@ def run_cli(folder: Path, seed: int) -> dict[str, Any]:
         record = summary["operating_point"]
         row.update(learning_rate=record["learning_rate"], retain_weight=record["retain_weight"])
         row["density_attempts"] = record.get("density_attempts")
-    print(json.dumps({k: v for k, v in row.items() if k != "stdout_tail"}, default=str), flush=True)
+    else:  # a missed target writes nothing: read the before/after table the command printed
+        row.update(_printed_table(row["stdout"]), target_met=False)
+    print(json.dumps({k: v for k, v in row.items() if k != "stdout"}, default=str), flush=True)
     return row
 
 
@@ -114,8 +145,9 @@ def _original_weights(model: torch.nn.Module, reference: torch.nn.Module):
         model.load_state_dict(state)
 
 
-def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: float) -> dict[str, Any]:
-    """The controller driving one parameterisation on TOFU forget10 / retain90."""
+def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: float, seed: int) -> dict[str, Any]:
+    """The controller driving one parameterisation on TOFU forget10 / retain90 (``seed``: the held-out split, the
+    localisation sample, GRIN's noise and the data order)."""
     from peft import LoraConfig, get_peft_model
 
     import grin_peft
@@ -124,7 +156,7 @@ def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: f
     qa = QAFormat(tokenizer)
     forget = encode_dataset(load_tofu("forget10", data), "forget", qa)[0]
     retain = encode_dataset(load_tofu("retain90", data), "retain", qa)[0]
-    point = OperatingPoint(max_epochs=max_epochs)
+    point = OperatingPoint(max_epochs=max_epochs, seed=seed)
     train_retain, heldout = split_heldout(retain, point)
     model, ref = copy.deepcopy(target), None
     started = time.perf_counter()
@@ -137,8 +169,8 @@ def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: f
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         point.lr_grid, original = LR_GRIDS["lora"], model.disable_adapter
     elif name.startswith("grin:"):
-        model = get_peft_model(model, grin_peft.GrinConfig(density=float(name.split(":", 1)[1])))
-        model.localize(forget, random.Random(0).sample(train_retain, 400), progress=False)
+        model = get_peft_model(model, grin_peft.GrinConfig(density=float(name.split(":", 1)[1]), seed=seed))
+        model.localize(forget, random.Random(seed).sample(train_retain, 400), progress=False)
         original = model.disable_adapter
     else:
         raise SystemExit(f"unknown method {name!r}: full, lora or grin:<density>")
@@ -149,7 +181,7 @@ def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: f
         args = UnlearningArguments(
             output_dir=scratch, objective="npo", learning_rate=lr, max_steps=steps, per_device_train_batch_size=batch,
             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, bf16=True, lr_scheduler_type="constant",
-            weight_decay=0.0, seed=segment, dataloader_pin_memory=False,
+            weight_decay=0.0, seed=100 * seed + segment, dataloader_pin_memory=False,
             **({"retain_weight": retain_weight} if retain_weight else {}),
         )  # fmt: skip
         trainer = UnlearningTrainer(model, args, forget, train_retain, qa_format=qa, ref_model=ref)
@@ -165,6 +197,7 @@ def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: f
         )  # fmt: skip
     row = {
         "method": name,
+        "seed": seed,
         "batch_size": batch,
         "seconds": time.perf_counter() - started,
         "trainable": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
@@ -175,6 +208,23 @@ def run_method(name: str, target: Any, tokenizer: Any, batch: int, max_epochs: f
     }
     print(json.dumps({k: v for k, v in row.items() if k != "record"}, default=str), flush=True)
     return row
+
+
+PRINTED_ROWS = {
+    "forget answer probability": "forget_prob",
+    "retain answer probability": "retain_prob",
+    "held-out retain answer probability": "heldout_retain_prob",
+}
+
+
+def _printed_table(lines: list[str]) -> dict[str, Any]:
+    """``before``/``after`` from the last before/after table in the printed output."""
+    before, after = {}, {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in PRINTED_ROWS:
+            before[PRINTED_ROWS[cells[0]]], after[PRINTED_ROWS[cells[0]]] = float(cells[1]), float(cells[2])
+    return {"before": before, "after": after} if before else {}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -201,14 +251,15 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("methods"):
         lines += [
-            "| method | batch | target met | forget prob | held-out retain prob | lr | retain weight | kept step | "
-            "steps run | trainable | s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | seed | batch | target met | forget prob | held-out retain prob | lr | retain weight | "
+            "kept step | steps run | trainable | s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in report["methods"]:
             b, a = row["before"], row["after"]
             lines.append(
-                f"| {row['method']} | {row['batch_size']} | {row['target_met']} | {b['forget_prob']:.3f} -> "
+                f"| {row['method']} | {row.get('seed', 0)} | {row['batch_size']} | {row['target_met']} | "
+                f"{b['forget_prob']:.3f} -> "
                 f"{a['forget_prob']:.3f} | {b['heldout_retain_prob']:.3f} -> {a['heldout_retain_prob']:.3f} | "
                 f"{row['learning_rate']:.3g} | {row['retain_weight']} | {row['steps']} | {row['steps_run']} | "
                 f"{row['trainable']:,} | {row['seconds']:.0f} |"
@@ -219,7 +270,10 @@ def render(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cli", action="store_true", help="grin-peft unlearn with no tuning flag on both models")
-    p.add_argument("--seeds", default="0", type=lambda t: [int(x) for x in t.split(",")], help="--cli seeds")
+    p.add_argument("--seeds", default="0", type=lambda t: [int(x) for x in t.split(",")], help="seeds of every run")
+    p.add_argument(
+        "--models", default="demo,tofu", type=lambda t: t.split(","), help="--cli models: demo, tofu, hazard"
+    )
     p.add_argument("--methods", default="", help="comma list: full, lora, grin:<density>")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-epochs", type=float, default=20.0, help="the controller's budget (its default: 20)")
@@ -237,10 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target, tokenizer, tofu_folder = tofu_target(work)
     if args.cli:
         for seed in args.seeds:
-            for label, folder in (("demo (10 forget / 90 retain)", demo_target(work)), ("TOFU target", tofu_folder)):
-                report["cli"].append({"model": label, "seed": seed, **run_cli(folder, seed)})
+            for label in args.models:
+                folder = {"demo": demo_target, "tofu": lambda w: tofu_folder, "hazard": hazard_target}[label](work)
+                report["cli"].append({"model": MODEL_LABELS[label], "seed": seed, **run_cli(folder, seed)})
     for name in filter(None, args.methods.split(",")):
-        report["methods"].append(run_method(name.strip(), target, tokenizer, args.batch_size, args.max_epochs))
+        for seed in args.seeds:
+            row = run_method(name.strip(), target, tokenizer, args.batch_size, args.max_epochs, seed)
+            report["methods"].append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{args.stem}.json", json.dumps(report, indent=2, default=str))

@@ -12,16 +12,18 @@ of the retain data, which training and localisation never see, at least a fracti
    least held-out retain probability per unit of forget probability removed (ties within 0.01 go to the smaller
    rate). If none keeps pace, the fastest rate that keeps the floor.
 2. **Train** under watch: forget and held-out retain probabilities (teacher-forced, batched) every ``eval_every``
-   steps. Breaking the retain floor for more than ``patience`` evaluations in a row (NPO's forget gradient fades
-   once the answers are unlikely, and the retain term then repairs) rolls back to the state with the lowest forget
-   probability above the floor and continues with the objective's retain weight tripled (twice at most: that
-   changes the path's direction, a smaller rate mostly does not), then at the grid's next smaller rate. A pace too
-   slow to reach the target within the budget, with at least half the retain margin unspent, continues from the
-   current state at the grid's next larger rate (both bounded by ``max_adjustments`` and the grid's ends). A
-   rollback whose best path so far lost more than twice the held-out retain probability per unit of forgetting that
-   the target allows ends the search: smaller rates move along much the same path (and `unlearn` may try a larger
-   density). Once the target is met, training goes on while held-out retain keeps improving, for at most
-   ``patience`` evaluations without improvement.
+   steps. A run below the retain floor gets ``repair_epochs`` passes over the forget set to climb back above it
+   (NPO first drives the forget answers down at the cost of retain, then its forget gradient fades and the retain
+   term repairs: 3-4 epochs on TOFU, BENCHMARKS.md section 6.2). Still below the floor after that, it rolls back to
+   the state with the lowest forget probability above the floor and continues with the objective's retain weight
+   tripled (twice at most: that changes the path's direction, a smaller rate mostly does not), then at the grid's
+   next smaller rate. A pace too slow to reach the target within the budget, with at least half the retain margin
+   unspent, continues from the current state at the grid's next larger rate (both bounded by ``max_adjustments``
+   and the grid's ends). A rollback whose best path so far removed at least a quarter of the forgetting the target
+   needs and lost more than twice the held-out retain probability per unit of forgetting that the target allows
+   ends the search: smaller rates move along much the same path (and `unlearn` may try a larger density). Once the
+   target is met, training goes on while held-out retain keeps improving, for at most ``patience`` evaluations
+   without improvement.
 3. **Keep** the best evaluated state by one printed rule: among states that met the target and kept the floor, the
    highest held-out retain probability; if none met the target, the lowest forget probability among states that
    kept the floor; otherwise the starting state.
@@ -91,6 +93,15 @@ class OperatingPoint:
     patience: int = field(
         default=2, metadata={"help": "Evaluations without held-out improvement after the target is met."}
     )
+    repair_epochs: float = field(
+        default=4.0,
+        metadata={
+            "help": (
+                "Passes over the forget set a run may spend below the held-out floor, repairing, before it is rolled "
+                "back (NPO's drop-then-repair took 3-4 epochs on TOFU, BENCHMARKS.md section 6)."
+            )
+        },
+    )
     max_adjustments: int = field(
         default=6, metadata={"help": "Changes of rate or retain weight (rollbacks + speed-ups) allowed."}
     )
@@ -113,11 +124,12 @@ class OperatingPoint:
         },
     )
     max_density: float | None = field(
-        default=0.25,
+        default=0.5,
         metadata={
             "help": (
                 "When the target is missed and the GRIN budget was left at its default, `unlearn` localises again "
-                "at density_growth x the density, up to this; None never grows. An explicit density is kept."
+                "at density_growth x the density, up to this; None never grows. An explicit density is kept. 0.5: "
+                "GRIN's best TOFU frontier (BENCHMARKS.md section 6.5)."
             )
         },
     )
@@ -162,6 +174,8 @@ class OperatingPoint:
             raise GrinError(f"density_growth={self.density_growth!r} must be greater than 1.")
         if not self.max_epochs > 0:
             raise GrinError(f"max_epochs={self.max_epochs!r} must be positive.")
+        if not self.repair_epochs >= 0:
+            raise GrinError(f"repair_epochs={self.repair_epochs!r} must be non-negative.")
         grid = self.lr_grid
         if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid) or list(grid) != sorted(set(grid)):
             raise GrinError(f"lr_grid={grid!r} must be a non-empty, strictly ascending list of positive rates.")
@@ -243,7 +257,8 @@ class _Search:
         self.best: tuple[_Evaluation, dict[str, torch.Tensor]] | None = None  # met the target
         self.fallback: tuple[_Evaluation, dict[str, torch.Tensor]] | None = None  # lowest forget above the floor
         self.since_improvement = 0
-        self.below_floor = 0  # consecutive evaluations below the floor
+        self.repair_steps = math.ceil(point.repair_epochs * self.steps_per_epoch)
+        self.below_floor_since: int | None = None  # the step of the last evaluation above the floor before a dip
         self.steps_done = 0
         self.gave_up = False
         self.start_heldout: float | None = None  # the original model's held-out retain probability
@@ -320,17 +335,18 @@ class _Search:
             f"held-out retain {evaluation.heldout:.3f} (floor {floor:.3f})"
         )
         if not evaluation.above_floor:
-            # NPO's forget gradient fades once the answers are unlikely and the retain term repairs: a run gets
-            # `patience` evaluations below the floor to recover before it is rolled back
-            self.below_floor += 1
             if self.best is not None:
                 self.since_improvement += 1
                 if self.since_improvement >= self.point.patience:
                     return "done"
-            if self.below_floor <= self.point.patience:
+            # NPO's forget gradient fades once the answers are unlikely and the retain term repairs: a run gets
+            # `repair_epochs` below the floor to recover before it is rolled back
+            if self.below_floor_since is None:
+                self.below_floor_since = self._last_step_above_floor()
+            if self.steps_done - self.below_floor_since <= self.repair_steps:
                 return "continue"
             return "done" if self.best is not None else "rollback"
-        self.below_floor = 0
+        self.below_floor_since = None
         if evaluation.meets_target:
             if self.best is None or evaluation.heldout > self.best[0].heldout:
                 self.best = (evaluation, _snapshot(self.model))
@@ -353,8 +369,10 @@ class _Search:
             return False
         best = self.fallback[0]
         removed = before["forget_prob"] - best.forget
+        if removed < max(0.05, 0.25 * (before["forget_prob"] - target)):
+            return False  # a path that has hardly forgotten yet says nothing about its cost
         allowed = (before["heldout_retain_prob"] - floor) / max(before["forget_prob"] - target, 1e-12)
-        paid = (before["heldout_retain_prob"] - best.heldout) / removed if removed > 0.05 else math.inf
+        paid = (before["heldout_retain_prob"] - best.heldout) / removed
         if paid <= 2 * allowed:
             return False
         self.log(
@@ -363,6 +381,13 @@ class _Search:
         )
         self.gave_up = True
         return True
+
+    def _last_step_above_floor(self) -> int:
+        """Where the current dip below the floor began: the last evaluation above it in this segment, or the
+        segment's start."""
+        start = self.segments[-1]["start_step"] if self.segments else 0
+        above = [e.step for e in self.history if e.above_floor and e.step >= start]
+        return max(above, default=start)
 
     def _too_slow(self, target: float, floor: float) -> bool:
         """The linear pace of this segment's last two evaluations cannot reach the target within the budget, and at
@@ -404,7 +429,7 @@ class _Search:
                         control.should_training_stop = True
                 return control
 
-        self.below_floor = 0
+        self.below_floor_since = None
         trainer = self.make_trainer(lr, self.budget - self.steps_done, index, retain_weight)
         trainer.add_callback(Watch())
         trainer.train()
