@@ -225,7 +225,19 @@ def unlearn(
                 record = run.search(point, training_args, kw, refusals, callbacks, log)
                 before = record["before"]
                 train_metrics = {"steps_run": record["steps_run"], "learning_rate": record["learning_rate"]}
-                attempts.append({"density": density, "target_met": record["target_met"], "after": record["after"]})
+                attempts.append(
+                    {
+                        "density": density,
+                        "target_met": record["target_met"],
+                        "after": record["after"],
+                        "learning_rate": record["learning_rate"],
+                        "retain_weight": record["retain_weight"],
+                        "steps_run": record["steps_run"],
+                        "gave_up": record["gave_up"],
+                        "seconds": time.perf_counter() - t0,
+                        "path": [[e["step"], e["forget"], e["heldout"]] for e in record["evaluations"]],
+                    }
+                )
             run.timings["train"] = time.perf_counter() - t0
             if record is None or record["target_met"]:
                 break
