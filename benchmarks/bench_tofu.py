@@ -111,6 +111,7 @@ from tofu_methods import (
     DEFAULT_GRID_FULL,
     DEFAULT_GRID_LORA,
     SCORE_LABELS,
+    SELECTOR_LABELS,
     all_methods,
     build_methods,
     choose_learning_rates,
@@ -288,7 +289,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mask-scores",
         type=_names,
         default=["random"],
-        help=f"Selectors run at every density beside GRIN, on its grid (of {', '.join(SCORE_LABELS)}; 'none').",
+        help=f"Selectors run at every density beside GRIN, on its grid (of {', '.join(SELECTOR_LABELS)}; 'none'): "
+        "score names, or the GRIN variants 'paper' (GrinConfig.paper()), 'relocalize' (relocalize_every 1 epoch).",
     )
     f.add_argument(
         "--objectives",
@@ -326,9 +328,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.workers = 2 if cpu_scale and (os.cpu_count() or 1) >= 2 else 1
     if args.workers < 1:
         p.error("--workers must be >= 1")
-    unknown = sorted(set(args.sweep_scores + args.mask_scores) - set(SCORE_LABELS))
+    unknown = sorted((set(args.sweep_scores) - set(SCORE_LABELS)) | (set(args.mask_scores) - set(SELECTOR_LABELS)))
     if unknown:
-        p.error(f"--sweep-scores/--mask-scores: unknown {unknown}; choose from {sorted(SCORE_LABELS)}")
+        p.error(f"--sweep-scores/--mask-scores: unknown {unknown}; choose from {sorted(SELECTOR_LABELS)}")
     unknown = sorted(set(args.regime) - set(REGIMES))
     if unknown:
         p.error(f"--regime: unknown {unknown}; choose from {sorted(REGIMES)}")

@@ -32,6 +32,8 @@ from typing import Any
 
 from common import Method  # benchmarks/ is on sys.path when run as a script
 
+from grin_peft.config import PAPER_PRESET
+
 # the other selectors run in GRIN's machinery (same budget, noise, objective), by their GrinConfig score names
 SCORE_LABELS = {
     "random": "random",
@@ -43,6 +45,27 @@ SCORE_LABELS = {
     "leverage_ratio": "leverage ratio (pool 4)",
     "retain_complement": "retain complement",
 }
+
+# GRIN variants run like the other selectors (``--mask-scores``), by the GrinConfig fields they change
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "paper": ("paper preset", {**PAPER_PRESET}),
+    "relocalize": ("re-localised every epoch", {"score": "gradient_ratio", "relocalize_every": 13}),
+}
+SELECTOR_LABELS = {**SCORE_LABELS, **{name: label for name, (label, _) in VARIANTS.items()}}
+
+
+def selector_settings(selector: str) -> dict[str, Any]:
+    """GrinConfig fields of a ``--mask-scores`` entry: a score name, or a variant's fields."""
+    return dict(VARIANTS[selector][1]) if selector in VARIANTS else {"score": selector}
+
+
+def selector_of(grin: dict[str, Any]) -> str | None:
+    """The ``--mask-scores`` name a run's GrinConfig fields came from (the inverse of :func:`selector_settings`)."""
+    for name, (_, fields) in VARIANTS.items():
+        if all(grin.get(k) == v for k, v in fields.items()):
+            return name
+    return grin.get("score")
+
 
 # the default run (one seed < 45 min on 2 cores); BENCHMARKS.md section 6.5 adds 0.001, 0.05, 0.1 by --densities
 DEFAULT_DENSITIES = (0.01, 0.25, 0.5)
@@ -234,9 +257,10 @@ def frontier_families(args: Any) -> list[dict[str, Any]]:
                  "grid": grid, "objective": obj}
             )  # fmt: skip
             for score in args.mask_scores:
+                kind = "GRIN" if score in VARIANTS else "mask"
                 families.append(
-                    {"family": f"mask {budget} {SCORE_LABELS[score]} {label}", "kind": "grin", "density": density,
-                     "score": score, "grid": grid, "objective": obj}
+                    {"family": f"{kind} {budget} {SELECTOR_LABELS[score]} {label}", "kind": "grin",
+                     "density": density, "score": score, "grid": grid, "objective": obj}
                 )  # fmt: skip
     return families
 
@@ -254,7 +278,7 @@ def frontier_methods(args: Any) -> list[Method]:
             for lr in fam["grid"]:
                 grin = {}
                 if fam["kind"] == "grin":
-                    grin = {"score": fam["score"], "density": fam["density"], "seed": seed}
+                    grin = {**selector_settings(fam["score"]), "density": fam["density"], "seed": seed}
                 runs.append(
                     Method(
                         f"{name} lr={lr:g} seed={seed}",

@@ -35,6 +35,7 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     worker_env,
 )
 from tofu_eval import TrajectoryCallback, answer_probabilities
+from tofu_methods import selector_of
 from tofu_models import localize_sample
 
 PEFT_KINDS = ("lora", "fila", "grin", "auto")
@@ -163,7 +164,7 @@ def frontier_run(method: Method, context: dict[str, Any], settings: dict[str, An
         "seed": method.seed,
         "lr": method.lr,
         "density": grin.get("density", 1.0 if method.kind == "full" else None),
-        "score": grin.get("score"),
+        "score": selector_of(grin) if grin else None,
         "config": method.describe(),
     }
     callback = None

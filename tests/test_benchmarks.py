@@ -444,6 +444,29 @@ def test_frontier_objectives_and_fila_add_families_and_leave_the_default_alone()
     assert {(r.kind, r.objective) for r in loku} == {("fila", "ihl")}
 
 
+def test_frontier_variants_run_grin_as_published_and_re_localised_and_are_reported_by_their_own_name():
+    import tofu_methods
+
+    from grin_peft import GrinConfig
+
+    args = bench_tofu.parse_args(
+        ["--frontier", "--densities", "0.25", "--mask-scores", "paper,relocalize", "--seeds", "1"]
+    )
+    families = tofu_methods.frontier_families(args)
+    assert [(f["family"], f["score"]) for f in families[3:]] == [
+        ("GRIN 25% NPO", "gradient_ratio"), ("GRIN 25% paper preset NPO", "paper"),
+        ("GRIN 25% re-localised every epoch NPO", "relocalize"),
+    ]  # fmt: skip
+    runs = {r.group: r for r in tofu_methods.frontier_methods(args)}
+    paper = runs["GRIN 25% paper preset NPO"].grin
+    assert GrinConfig(**paper) == GrinConfig.paper(density=0.25, seed=1)
+    assert runs["GRIN 25% re-localised every epoch NPO"].grin["relocalize_every"] == 13  # one epoch of forget10
+    assert [tofu_methods.selector_of(r.grin) for r in runs.values() if r.grin] == ["gradient_ratio", "paper",
+                                                                                    "relocalize"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench_tofu.parse_args(["--frontier", "--mask-scores", "papers"])
+
+
 def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tiny, tmp_path):
     """FILA moves base weights; the saved checkpoint must still be an adapter for the untouched target."""
     import tofu_runs
