@@ -40,13 +40,12 @@ Three modes:
   the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-mask`` (per density band by default; see
   ``benchmarks/tofu_methods.py``).
 
-  Cost on the 2-core machine (2 workers, warm cache; an estimate from BENCHMARKS.md section 5 and partial runs,
-  not one measured end to end): a run is 65 steps (5 epochs x 13) plus 5 trajectory points of 2-5 s each (one
-  more for the first rate of each method): full NPO and LoRA ~75-80 s, GRIN ~90 s at <= 1% rising to ~145 s at
-  50% (the sparse op costs more per step at high density), a random mask ~8 s less (no scoring pass). The
-  default (one seed, 57 runs) is ~6,100 worker-seconds, ~51 min on two workers, plus ~5 min for the 16 full
-  evaluations: ~55 min. Without the 50% budget (``--densities 0.001,0.01,0.05,0.1,0.25``) ~46 min;
-  ``--utility none`` saves ~5 min; ``--seeds 0,1`` doubles it.
+  Cost on the 2-core machine (2 workers, warm cache), measured end to end (BENCHMARKS.md section 6.4): the default
+  (one seed; full NPO, LoRA, GRIN and a random mask at 1%, 25% and 50%, 4 rates each, plus the auto run: 33 runs and
+  10 full evaluations) took 2,467 s (41 min) with other jobs running at lower priority. A fixed-rate run is 65 steps
+  (5 epochs x 13) plus its trajectory points, ~60-145 s; the auto run took 30 min of one worker (its density
+  attempts). The whole density sweep (``--densities 0.001,0.01,0.05,0.1,0.25,0.5``) adds 24 runs (~25 min);
+  ``--utility none`` saves ~4 min; ``--seeds 0,1`` doubles everything.
 
 **Model regimes** (parameters per memorised fact; ``--regime``, see ``benchmarks/tofu_models.py``): ``1m`` the
 default 1.3M-parameter target on all 200 authors, ``5m`` a 5.8M-parameter one (hidden 256, 4 layers), ``authors40``
@@ -73,7 +72,7 @@ Outputs (``--out``, default ``benchmarks/results``): ``<stem>.json`` (settings, 
 
     python benchmarks/bench_tofu.py                         # main table (forget10, main methods + selectors)
     python benchmarks/bench_tofu.py --lr-sweep              # the learning-rate pilot (teacher-forced metrics only)
-    python benchmarks/bench_tofu.py --frontier              # frontiers + density regime (~55 min, warm cache)
+    python benchmarks/bench_tofu.py --frontier              # frontiers at 1%, 25%, 50% (41 min, warm cache)
     python benchmarks/bench_tofu.py --frontier --seeds 0,1  # the same for two unlearning seeds (twice the time)
     python benchmarks/bench_tofu.py --frontier --regime 1m,5m,authors40 --densities 0.01,0.1 --utility none
     python benchmarks/bench_tofu.py --frontier --smoke --out /tmp/x   # seconds: every kind, tiny model
