@@ -11,8 +11,8 @@ frozen base weight one custom function can do the whole layer:
 * the kernel is picked by entry count. Few entries (``gather``): ``index_select`` / ``index_add_`` on the token-major
   activations, ~tokens x K work and no transposes; forward keeps only the K gathered input columns. More entries
   (``csr``): MKL's CSR kernels on token-contiguous operands, as in :mod:`grin_peft.sparse`, but the transposed input
-  made in forward is kept for the backward's SDDMM instead of being made again, and layers fed the same input tensor
-  (q/k/v, gate/up) share one transposed copy.
+  made in forward is kept for the backward's SDDMM instead of being made again (float32/float64 inputs, where it
+  costs the memory the reference spends on keeping x).
 
 Numerics: the ``csr`` kernel adds exactly what the reference adds (the same kernels, and a + b = b + a), so it agrees
 with the reference bit for bit; ``gather`` sums the same products in another order (float rounding only). Used by
@@ -22,9 +22,6 @@ reference path.
 """
 
 from __future__ import annotations
-
-import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -47,33 +44,14 @@ def use_gather(pattern: SparsePattern, dtype: torch.dtype) -> bool:
     return small and dtype in (torch.float32, torch.float64)
 
 
-class _SharedTranspose(threading.local):
-    """The last input's transposed copy, per thread: sibling layers (q/k/v, gate/up) get the same input tensor.
-
-    Held by a weak reference to the input and checked against its version counter, so a freed or edited input is
-    never matched; the copy itself is kept alive only by the autograd graphs that saved it (and this one slot).
-    """
-
-    def __init__(self) -> None:
-        self.source: weakref.ref | None = None
-        self.version = -1
-        self.dtype: torch.dtype | None = None
-        self.copy: torch.Tensor | None = None
-
-    def get(self, x: torch.Tensor, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.source is not None and self.source() is x and self.version == x._version and self.dtype == dtype:
-            return self.copy
-        converted = x2d if x2d.dtype == dtype else x2d.to(dtype)
-        copy = torch.empty((x2d.shape[1], x2d.shape[0]), dtype=dtype, device=x2d.device)
-        copy.copy_(converted.t())
-        self.source, self.version, self.dtype, self.copy = weakref.ref(x), x._version, dtype, copy
-        return copy
-
-    def clear(self) -> None:
-        self.source, self.copy = None, None
-
-
-_SHARED = _SharedTranspose()
+def _transposed(x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[tokens, features] -> contiguous [features, tokens] in ``dtype`` (converted first: torch's fast blocked kernel
+    only covers same-dtype transposing copies)."""
+    if x2d.dtype != dtype:
+        x2d = x2d.to(dtype)
+    out = torch.empty((x2d.shape[1], x2d.shape[0]), dtype=dtype, device=x2d.device)
+    out.copy_(x2d.t())
+    return out
 
 
 def _add_transposed(dst: torch.Tensor, src_t: torch.Tensor) -> None:
@@ -113,9 +91,11 @@ class _FusedSparseLinear(torch.autograd.Function):
                 if pattern.d_perm is not None:
                     d_values = d_values[pattern.d_perm]
                 d = _csr(pattern.d_crow, pattern.d_col, d_values, (pattern.out_features, pattern.in_features))
-                x_t = _SHARED.get(x, x2d, cdt)
+                x_t = _transposed(x2d, cdt)
                 _add_transposed(y2d, torch.mm(d, x_t))
-                saved = x_t
+                # the transposed input serves the backward's SDDMM when it costs no more memory than x (float32/64)
+                ctx.kept_transposed = x.dtype == cdt
+                saved = x_t if ctx.kept_transposed else x2d
         ctx.save_for_backward(
             saved if need_values_grad else None, values if need_x_grad else None, weight if need_x_grad else None
         )
@@ -148,8 +128,7 @@ class _FusedSparseLinear(torch.autograd.Function):
             if n_tokens == 0:
                 grad_values = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
             else:
-                gy_t = torch.empty((pattern.out_features, n_tokens), dtype=cdt, device=gy.device)
-                gy_t.copy_(gy.t() if gy.dtype == cdt else gy.to(cdt).t())
+                gy_t = _transposed(gy, cdt)
                 if need_x_grad:
                     t_values = values.to(cdt)
                     if pattern.t_perm is not None:
@@ -159,7 +138,8 @@ class _FusedSparseLinear(torch.autograd.Function):
                 if need_values_grad:
                     acc = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
                     sampled = _csr(pattern.d_crow, pattern.d_col, acc, (pattern.out_features, pattern.in_features))
-                    torch.sparse.sampled_addmm(sampled, gy_t, saved.t(), beta=0, out=sampled)
+                    x_t = saved if ctx.kept_transposed else _transposed(saved, cdt)
+                    torch.sparse.sampled_addmm(sampled, gy_t, x_t.t(), beta=0, out=sampled)
                     grad_values = sampled.values()
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
