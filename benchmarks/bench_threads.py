@@ -105,7 +105,7 @@ def main() -> None:
     print(f"`{command}` (OMP_WAIT_POLICY={WAIT_POLICY}, load {os.getloadavg()[0]:.1f})\n")
     print(f"| model | parameters | 1 thread s | {args.threads} threads s | 1 / {args.threads} threads (range) |")
     print("|---|---|---|---|---|")
-    for text in args.sizes.split(","):
+    for text in filter(None, args.sizes.split(",")):
         hidden, layers = (int(p) for p in text.split("x"))
         r = step_times(hidden, layers, args.threads, args.rounds, args.vocab)
         low, high = r["ratio_range"]

@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        help="torch threads; default: 1 for a CPU model below 20M parameters unless OMP_NUM_THREADS is set, else "
+        help="torch threads; default: 1 for a CPU model below 25M parameters unless OMP_NUM_THREADS is set, else "
         "torch's choice (grin_peft.threads)",
     )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")

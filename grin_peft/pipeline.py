@@ -160,7 +160,7 @@ def unlearn(
         verbose: print the controller's decisions and the before/after numbers.
 
     Threads: the whole call runs under :mod:`grin_peft.threads`' rule (``num_threads`` if given, else one thread
-    for a CPU model below 20M parameters unless ``OMP_NUM_THREADS`` is set), and restores torch's setting after.
+    for a CPU model below 25M parameters unless ``OMP_NUM_THREADS`` is set), and restores torch's setting after.
 
     Raises:
         GrinError: on conflicting or invalid arguments and bad data, before any weight changes.

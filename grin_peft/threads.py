@@ -31,8 +31,9 @@ from .errors import GrinError
 
 __all__ = ["SMALL_MODEL_PARAMETERS", "choose_threads", "torch_threads", "with_thread_rule"]
 
-# below this many parameters one thread was faster than two at every size measured on a 2-core CPU, idle or loaded
-SMALL_MODEL_PARAMETERS = 20_000_000
+# one thread was 4-14x faster than two at every size measured, 1.3M to 21M parameters (GRIN training step, 2-core
+# CPU shared with other jobs, OpenMP's default waiting policy: BENCHMARKS.md §2); larger models keep torch's choice
+SMALL_MODEL_PARAMETERS = 25_000_000
 
 F = TypeVar("F", bound=Callable[..., Any])
 
