@@ -2,9 +2,10 @@
 
 The target (issue 4, tightened to 1.10x by issue 15): the scoring pass takes at most 1.10x the time of a plain
 forward+backward of the same model with ``requires_grad`` on the targeted weights, and its peak memory is at most that
-forward+backward's plus two float32 copies of the targeted weights. Both run the same loss (summed answer-token cross-
-entropy) over the same batches. Times are interleaved repetitions in one process (medians); peak memory is measured in
-a fresh process per mode (peak RSS above the RSS after building the model on CPU, ``max_memory_allocated`` on CUDA).
+forward+backward's plus two float32 copies of the targeted weights. Both run the same loss (summed answer-token
+cross-entropy) over the same batches. Times are interleaved repetitions in one process (medians); peak memory is
+measured in a fresh process per mode (peak RSS above the RSS after building the model on CPU, ``max_memory_allocated``
+on CUDA).
 
     python benchmarks/bench_localize.py               # Llama-shaped, hidden 512, 4 layers: ~2 minutes on 2 cores
     python benchmarks/bench_localize.py --hidden 256  # quicker
