@@ -2,6 +2,8 @@
 
 Each forward takes, per adapter, the sparse op (:mod:`grin_peft.sparse`) at low density or the dense regime
 (:mod:`grin_peft.dense`, the delta merged into a temporary copy of the weight) above the adapter's `dense_threshold`.
+On the CPU a frozen ``nn.Linear`` with one active sparse adapter takes the fused fast path (:mod:`grin_peft.fused`,
+the same numbers from one autograd node).
 """
 
 from __future__ import annotations
