@@ -21,7 +21,7 @@ from .bnb_layout import dequantize
 from .dense import merged_linear
 from .errors import GrinError
 from .fused import fused_sparse_linear
-from .sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
+from .sparse import SparsePattern, _autocast_dtype, sparse_delta_dense, sparse_delta_linear
 
 INT32_MAX = torch.iinfo(torch.int32).max
 
@@ -321,7 +321,7 @@ class GrinLayer(BaseTunerLayer):
             and x.dtype == weight.dtype
             and not weight.requires_grad
             and (bias is None or not bias.requires_grad)
-            and not torch.is_autocast_enabled("cpu")
+            and _autocast_dtype("cpu") is None
         )
 
     def grin_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
