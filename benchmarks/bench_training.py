@@ -871,7 +871,7 @@ def report(results: dict, densities: list[float], out_dir: str) -> None:
         )
     results["targets"] = targets
     md += [
-        "## Targets (issue 3)",
+        "## Targets (issues 3 and 15)",
         "",
         f"T3 formula: limit = 1.10 x (peak RSS of frozen base fwd+bwd + K x {BYTES_PER_ENTRY} B), "
         "K entries, 20 B = int32 index + fp32 value + fp32 grad + AdamW exp_avg + exp_avg_sq. "
