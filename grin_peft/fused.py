@@ -33,8 +33,9 @@ from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
 __all__ = ["GATHER_ENTRIES_PER_FEATURE", "KERNELS", "fused_sparse_linear", "use_gather"]
 
 # gather up to K = (in + out) * this: below, its tokens x K gathers cost less than the ~4 transposed token-major
-# passes the CSR kernels need (crossover measured at K / (in + out) ~0.7-1.0 on 768x768, 2112x768 and 768x2112
-# layers, 512 tokens, forward+backward, one thread on a loaded machine: /tmp benchmark noted in BENCHMARKS.md §3)
+# passes the CSR kernels need. Set from single-layer trials on 768/2112-wide layers, 512 tokens; in whole steps
+# (BENCHMARKS.md §2.1) 0.1% density on 1024-wide layers (K = 0.51 x (in + out)) was no faster than the reference
+# path, so it may be high for wider layers
 GATHER_ENTRIES_PER_FEATURE = 0.75
 
 
