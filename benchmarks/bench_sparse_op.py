@@ -10,7 +10,9 @@ of a [tokens, in] batch through:
            dense linear, gradients wrt x and values (its backward forms the dense out x in weight gradient);
 * dense:   GRIN's dense regime (``grin_peft.dense.merged_linear``, what a layer above ``dense_threshold`` runs): the
            values merged into a float copy of the weight, one linear, gradients wrt x and values;
-* delta:   the frozen layer plus a separate dense delta matmul, ``base(x) + x @ D^T`` with D scattered from the values.
+* delta:   the frozen layer plus a separate dense delta matmul, ``base(x) + x @ D^T`` with D scattered from the values;
+* fused:   what a GRIN layer runs on the CPU (``grin_peft.fused``): base and delta in one autograd node, the kernel
+           chosen by entry count; ``fused-gather`` / ``fused-csr`` force one kernel (the crossover measurement).
 
 All methods are timed interleaved: every round runs each method once, in a fresh seeded random order, so that load
 from other processes hits them alike. The table reports the median (or min, or both) over rounds and each method's
@@ -36,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from grin_peft.dense import merged_linear
+from grin_peft.fused import fused_sparse_linear
 from grin_peft.sparse import SparsePattern, sparse_delta_linear
 
-METHODS = ("GRIN", "LoRA", "scatter", "dense", "delta")
+METHODS = ("GRIN", "LoRA", "scatter", "dense", "delta", "fused", "fused-gather", "fused-csr")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -96,7 +99,15 @@ def make_steps(
         d = torch.zeros(out_features * in_features).index_put((indices,), values).to(dtype).view_as(weight)
         (F.linear(x, weight) + F.linear(x, d)).backward(grad_y)
 
+    def fused(kernel: str | None) -> Callable[[], None]:
+        def step() -> None:
+            x = x0.clone().requires_grad_()
+            fused_sparse_linear(x, weight, None, values, pattern, kernel).backward(grad_y)
+
+        return step
+
     steps = {"GRIN": grin, "LoRA": lora, "scatter": scatter, "dense": dense, "delta": delta}
+    steps.update({"fused": fused(None), "fused-gather": fused("gather"), "fused-csr": fused("csr")})
     labels = {"LoRA": f"LoRA r={rank}"}
     return {"base": base, **{labels.get(name, name): steps[name] for name in methods}}, nnz
 

@@ -166,6 +166,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from .pipeline import unlearn
 
     _check_output(args.output)
+    if args.threads is not None and args.threads < 1:
+        raise _fail(f"--threads must be a positive integer, got {args.threads}.")
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
     refusals = _read_refusals(args)
@@ -206,6 +208,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             disable_tqdm=True,
             verbose=main_process,
             **schedule,
+            **({"num_threads": args.threads} if args.threads is not None else {}),
         )
         if not main_process:  # the other ranks trained the same delta; the main process reports and writes it
             return 0
@@ -473,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="fixed passes over the forget set: switches it off too")
     p.add_argument("--batch-size", type=int, default=8, help="forget (and retain) examples per step (8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads; default: 1 for a CPU model below 25M parameters unless OMP_NUM_THREADS is set, else "
+        "torch's choice (grin_peft.threads)",
+    )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
     _add_format_flags(p)

@@ -2,6 +2,8 @@
 
 Each forward takes, per adapter, the sparse op (:mod:`grin_peft.sparse`) at low density or the dense regime
 (:mod:`grin_peft.dense`, the delta merged into a temporary copy of the weight) above the adapter's `dense_threshold`.
+On the CPU a frozen ``nn.Linear`` with one active sparse adapter takes the fused fast path (:mod:`grin_peft.fused`,
+the same numbers from one autograd node).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 from .bnb_layout import dequantize
 from .dense import merged_linear
 from .errors import GrinError
-from .sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
+from .fused import fused_sparse_linear
+from .sparse import SparsePattern, _autocast_dtype, sparse_delta_dense, sparse_delta_linear
 
 INT32_MAX = torch.iinfo(torch.int32).max
 
@@ -83,6 +86,8 @@ class GrinLayer(BaseTunerLayer):
     and the base weight's original values at those indices (what an exact revert of a merge needs)."""
 
     adapter_layer_names = ("grin_values",)
+    # False sends every forward through the reference path (benchmarks and tests compare the two)
+    grin_fused = True
     other_param_names = ("grin_indices", "grin_base_values", "grin_dense_threshold")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -303,6 +308,22 @@ class GrinLayer(BaseTunerLayer):
         hooked = bool(base._forward_hooks or base._forward_pre_hooks) or "forward" in vars(base)
         return plain and not hooked and not args and not kwargs and self.grin_quantization is None
 
+    def _grin_can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether the one-node fast path (:mod:`grin_peft.fused`) computes this layer: a frozen nn.Linear on the
+        CPU, input in the weight's dtype, no autocast (it would recast the base matmul); else the reference path."""
+        base = self.get_base_layer()
+        weight, bias = base.weight, base.bias
+        return (
+            self.grin_fused
+            and isinstance(base, nn.Linear)
+            and not self._grin_transposed
+            and x.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and _autocast_dtype("cpu") is None
+        )
+
     def grin_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each active adapter's delta: sparse below dense_threshold, merged into a copy above."""
         if self.disable_adapters:
@@ -312,7 +333,14 @@ class GrinLayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.grin_values and self.grin_values[a].numel()]
-        dense = [a for a in active if self._grin_is_dense(a)] if self._grin_can_merge_on_the_fly(args, kwargs) else []
+        plain = self._grin_can_merge_on_the_fly(args, kwargs)
+        dense = [a for a in active if self._grin_is_dense(a)] if plain else []
+        if plain and len(active) == 1 and not dense and self._grin_can_fuse(x):
+            base = self.get_base_layer()
+            result = fused_sparse_linear(
+                x, base.weight, base.bias, self.grin_values[active[0]], self._grin_pattern(active[0])
+            )
+            return self._grin_join_empty(result)
         if dense:
             base = self.get_base_layer()
             deltas = [(self.grin_values[a], self.grin_indices[a]) for a in dense]

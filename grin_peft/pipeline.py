@@ -30,6 +30,7 @@ from .config import DEFAULT_DENSITY, GrinConfig
 from .data import QAFormat, as_format
 from .errors import GrinError
 from .operating_point import OperatingPoint, search, split_heldout
+from .threads import with_thread_rule
 from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals, encode_dataset
 
 # Localisation reads at most max(len(forget), this) retain items by default (a seeded sample): per-example gradient
@@ -89,6 +90,7 @@ class UnlearnResult:
         }
 
 
+@with_thread_rule
 def unlearn(
     model: nn.Module,
     forget: Any,
@@ -156,6 +158,9 @@ def unlearn(
         localize_retain: how many retain items (a seeded sample) the scoring pass reads; default
             ``max(len(forget), 256)``. The held-out slice is never among them.
         verbose: print the controller's decisions and the before/after numbers.
+
+    Threads: the whole call runs under :mod:`grin_peft.threads`' rule (``num_threads`` if given, else one thread
+    for a CPU model below 25M parameters unless ``OMP_NUM_THREADS`` is set), and restores torch's setting after.
 
     Raises:
         GrinError: on conflicting or invalid arguments and bad data, before any weight changes.

@@ -128,6 +128,7 @@ def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
         ("malformed", ["--forget", "{bad}"], "line 2"),
         ("empty", ["--forget", "{bad}"], "no records"),
         (None, ["--model", "{nomodel}"], "no such file or directory"),
+        (None, ["--threads", "0"], "--threads must be a positive integer"),
     ],
 )
 def test_unlearn_bad_input_is_one_line_and_writes_nothing(workspace, capsys, tmp_path, setup, argv, message):

@@ -915,3 +915,35 @@ def test_quantiles_of_any_sign_and_nth_largest_are_exact():
         assert nth_largest(values, lambda name: values[name], n) == float(everything[max(0, everything.numel() - n)])
     with pytest.raises(GrinError, match="non-negative"):
         nonneg_quantiles(values, lambda n: values[n], [0.5])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_per_example_statistics_do_not_depend_on_the_row_blocking(kind, monkeypatch):
+    # the scoring pass walks the weight in blocks of rows so per-example gradients stay in cache: any block size
+    # must give the same float32 operations per entry, hence the same bits (gpt2: Conv1D, weights stored in x out)
+    from tiny_models import VOCAB as TINY_VOCAB
+    from tiny_models import build
+
+    import grin_peft.localize.statistics as statistics
+
+    model = get_peft_model(build(kind), GrinConfig(target_modules="all-linear", density=1e-2, score="random"))
+    layers = model.base_model.grin_layers("default")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TINY_VOCAB, (3, 12), generator=generator)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1] = -100  # an example without answer tokens is skipped
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}]
+    results = []
+    for block in (1 << 30, 1):  # one block per weight, then _MIN_BLOCK_ROWS rows per block
+        monkeypatch.setattr(statistics, "_BLOCK_ELEMENTS", block)
+        results.append(
+            {
+                k: statistics.collect_statistic(model.base_model.model, layers, batches, k, progress=False).values
+                for k in ("sq", "sq_mean", "abs")
+            }
+        )
+    for k, values in results[0].items():
+        for name, tensor in values.items():
+            assert torch.equal(tensor, results[1][k][name]), (k, name)
+            assert tensor.abs().sum() > 0, (k, name)

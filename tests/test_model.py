@@ -249,7 +249,7 @@ def test_high_density_round_trip_merge_unmerge_and_unload_are_exact(kind, dtype,
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts of forward calls that took the dense regime and the sparse op."""
+    """Counts of forward calls that took the dense regime and the sparse op (reference or fused path)."""
     counts = {"dense": 0, "sparse": 0}
 
     def counting(kind, fn):
@@ -261,6 +261,7 @@ def paths(monkeypatch):
 
     monkeypatch.setattr(layer_module, "merged_linear", counting("dense", layer_module.merged_linear))
     monkeypatch.setattr(layer_module, "sparse_delta_linear", counting("sparse", layer_module.sparse_delta_linear))
+    monkeypatch.setattr(layer_module, "fused_sparse_linear", counting("sparse", layer_module.fused_sparse_linear))
     return counts
 
 

@@ -53,6 +53,9 @@ from ..errors import GrinError
 from ..layer import GrinLayer
 
 KINDS = ("sum", "abs", "sq", "sq_mean")
+# per-example statistics: weight rows per block so a block's gradient (float32) stays in a core's cache
+_BLOCK_ELEMENTS = 1 << 16
+_MIN_BLOCK_ROWS = 8
 UNITS = ("example", "batch")
 
 
@@ -212,21 +215,36 @@ class _Collector:
         if self.kind == "sum" or self.unit == "batch":
             # a sum of per-example gradients is the batch gradient: one GEMM
             term = _transform(weight_gradient(grad_y, x, sink.transposed), self.kind, sum(self.example_tokens))
-        else:
-            grad_y, x = self._per_example(sink.name, grad_y), self._per_example(sink.name, x)
-            term = part = None
-            for i, tokens in enumerate(self.example_tokens):
-                if not tokens:
-                    continue
-                if term is None:
-                    term = _transform(weight_gradient(grad_y[i], x[i], sink.transposed), self.kind, tokens)
-                    continue
-                part = weight_gradient(grad_y[i], x[i], sink.transposed, out=part)
-                term.add_(_transform(part, self.kind, tokens))
-        if self.world.size > 1:
+            if self.world.size > 1:
+                self.pending[sink.name] = term  # exchanged after backward, see end_step
+            else:
+                self.acc[sink.name].add_(term)
+            return
+        grad_y, x = self._per_example(sink.name, grad_y), self._per_example(sink.name, x)
+        acc = self.acc[sink.name]
+        examples = [(i, tokens) for i, tokens in enumerate(self.example_tokens) if tokens]
+        if not examples:
+            return
+        # one block of weight rows at a time through every example, so the per-example gradients stay in cache
+        # instead of streaming a weight-sized tensor through memory per example (elementwise results unchanged)
+        term = torch.empty_like(acc) if self.world.size > 1 else None
+        step = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // acc.shape[1])
+        first, part = torch.empty((2, min(step, acc.shape[0]), acc.shape[1]), dtype=torch.float32, device=acc.device)
+        for start in range(0, acc.shape[0], step):
+            rows = slice(start, min(start + step, acc.shape[0]))
+            size = rows.stop - start
+            block = term[rows] if term is not None else first[:size]
+            for n, (i, tokens) in enumerate(examples):
+                # the stored weight's rows are grad_y's features (out x in), or x's for Conv1D (in x out)
+                gy, xx = (grad_y[i], x[i][..., rows]) if sink.transposed else (grad_y[i][..., rows], x[i])
+                out = block if n == 0 else part[:size]
+                _transform(weight_gradient(gy, xx, sink.transposed, out=out), self.kind, tokens)
+                if n:
+                    block.add_(out)
+            if term is None:
+                acc[rows].add_(block)
+        if term is not None:
             self.pending[sink.name] = term  # exchanged after backward, see end_step
-        elif term is not None:
-            self.acc[sink.name].add_(term)
 
     def _per_example(self, name: str, t: torch.Tensor) -> torch.Tensor:
         batch = len(self.example_tokens)
