@@ -37,8 +37,8 @@ Three modes:
   and one "auto" run per seed, ``grin_peft.unlearn`` called without learning rate or epochs (its own operating
   point). ``--seeds 0,1`` repeats everything per unlearning seed and reports each seed and the mean. The density
   table gives trained entries and the delta file's bytes (``save_pretrained``'s adapter_model.safetensors) beside
-  the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-mask`` (per density band by default; see
-  ``benchmarks/tofu_methods.py``).
+  the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-fila``, ``--grid-mask`` (per density band
+  by default; see ``benchmarks/tofu_methods.py``).
 
   Cost on the 2-core machine (2 workers, warm cache; an estimate from BENCHMARKS.md section 5 and partial runs,
   not one measured end to end): a run is 65 steps (5 epochs x 13) plus 5 trajectory points of 2-5 s each (one
@@ -278,6 +278,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"LoRA r=8 NPO learning rates (default {','.join(f'{lr:g}' for lr in DEFAULT_GRID_LORA)}).",
     )
     f.add_argument(
+        "--grid-fila",
+        type=_floats,
+        default=None,
+        help="FILA-initialised LoRA r=8 learning rates (--fila; default: the LoRA grid). FILA starts in the "
+        "directions that matter most, so it forgets at lower rates than plain LoRA.",
+    )
+    f.add_argument(
         "--grid-mask",
         default=None,
         help="GRIN/mask learning rates: 'r1,r2,..' for every density or 'd1=r1,r2;d2=r3,..' per density; the "
@@ -299,7 +306,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     f.add_argument(
         "--fila",
         action="store_true",
-        help="Add FILA-initialised LoRA r=8 per objective, on the LoRA grid (with ihl: LoKU, BENCHMARKS.md §9).",
+        help="Add FILA-initialised LoRA r=8 per objective, on --grid-fila (with ihl: LoKU, BENCHMARKS.md §9).",
     )
     f.add_argument(
         "--utility",

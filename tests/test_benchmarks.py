@@ -442,6 +442,13 @@ def test_frontier_objectives_and_fila_add_families_and_leave_the_default_alone()
     loku = [r for r in runs if r.group == "LoKU (FILA LoRA r=8 IHL)"]
     assert [r.lr for r in loku] == list(tofu_methods.DEFAULT_GRID_LORA)
     assert {(r.kind, r.objective) for r in loku} == {("fila", "ihl")}
+    # --grid-fila moves both FILA families (not plain LoRA) to their own rates
+    args = bench_tofu.parse_args(
+        ["--frontier", "--objectives", "npo,ihl", "--fila", "--densities", "0.25", "--grid-fila", "3e-4,1e-3"]
+    )
+    grids = {f["family"]: f["grid"] for f in tofu_methods.frontier_families(args)}
+    assert grids["LoKU (FILA LoRA r=8 IHL)"] == grids["FILA LoRA r=8 NPO"] == [3e-4, 1e-3]
+    assert grids["LoRA r=8 IHL"] == list(tofu_methods.DEFAULT_GRID_LORA)
 
 
 def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tiny, tmp_path):
