@@ -114,6 +114,7 @@ from tofu_methods import (
     all_methods,
     build_methods,
     choose_learning_rates,
+    keep_selected,
     select_methods,
     sweep_methods,
 )
@@ -200,7 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--methods",
         default=None,
         help="Comma-separated method names or name substrings to run (target always runs). With --frontier: "
-        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%').",
+        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%'); with --merge: the runs kept.",
     )
     p.add_argument("--list", action="store_true", help="Print the method names (or frontier runs) and exit.")
     p.add_argument(
@@ -394,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     on_gpu = default_device().type == "cuda"
     threads = set_threads(None if on_gpu else args.threads)
+    if args.merge:  # before selection: --methods then picks runs of the merged reports
+        return merge_reports(args)
     methods = select_methods(all_methods(args), args)
     if args.list:
         for m in methods:
@@ -403,8 +406,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = read_report(args.render)
         write_report(report, Path(args.render).parent, Path(args.render).stem, args.lr_sweep)
         return report
-    if args.merge:
-        return merge_reports(args)
     data = Path(args.data)
     if args.prepare:
         load_or_train(args.prepare, args.forget, data, *tiny_setup(args, data))
@@ -593,8 +594,15 @@ def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
                 rows.setdefault(row["method"], row)
             known = {f["family"] for f in families}
             families += [f for f in report["settings"].get("families", []) if f["family"] not in known]
-        merged["settings"] = {**merged["settings"], "families": families}
+        grids = {}  # each family's grid from the first report that has it, in report order
+        for report in reversed(reports):
+            grids = {**report["settings"].get("grids", {}), **grids}
+        objectives = {o: 0 for r in reports for o in str(r["settings"].get("objective", "")).split(",") if o}
+        merged["settings"] = {**merged["settings"], "families": families, "grids": grids}
+        merged["settings"]["objective"] = ",".join(objectives)
         merged["runs"], merged["results"] = list(runs.values()), list(rows.values())
+        if args.methods:
+            merged = keep_selected(merged, args.methods)
     else:
         order = [m.name for m in all_methods(args)]
         merged = combine_reports(reports, order)

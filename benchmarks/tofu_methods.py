@@ -276,6 +276,26 @@ def split_names(text: str) -> list[str]:
     return [m.strip().lower() for m in re.split(r",(?![^()]*\))", text) if m.strip()]
 
 
+def keep_selected(report: dict[str, Any], text: str) -> dict[str, Any]:
+    """``--merge --methods``: a merged frontier report cut down to the named families or runs (matched as in
+    ``--frontier --methods``) and their operating evaluations, so rows of a larger report can be compared with new
+    ones without rerunning them; the reference rows stay."""
+    wanted = split_names(text)
+
+    def picked(name: str, family: str | None) -> bool:
+        return any(w in name.lower() or w == str(family).lower() for w in wanted)
+
+    runs = [r for r in report.get("runs", []) if picked(r["run"], r.get("family"))]
+    if not runs:
+        raise SystemExit(f"--methods matched no run of the merged reports: {text!r}")
+    kept = {r["family"] for r in runs}
+    results = [r for r in report.get("results", []) if r.get("group") == "reference" or r.get("family") in kept]
+    s = report["settings"]
+    families = [f for f in s.get("families", []) if f["family"] in kept]
+    grids = {name: rates for name, rates in s.get("grids", {}).items() if name in kept}
+    return {**report, "settings": {**s, "families": families, "grids": grids}, "runs": runs, "results": results}
+
+
 def select_methods(methods: list[Method], args: Any) -> list[Method]:
     """The methods (or frontier runs) this invocation runs: ``--methods`` (a token equal to a method's name picks
     that method only, any other token every name containing it; the target always runs in the table modes),

@@ -291,6 +291,41 @@ def test_frontier_reports_merge_by_run(tmp_path):
     assert "0.600" in (tmp_path / "m.md").read_text()
 
 
+def test_frontier_merge_keeps_only_the_selected_families(tmp_path):
+    def report(objective, families):
+        runs, settings = [], {"forget": "forget10", "scale": "CPU scale", "frontier_at": 0.2, "train": {}}
+        points = [
+            {"step": i, "epoch": i, "forget": f, "retain": r} for i, (f, r) in enumerate([(0.9, 0.9), (0.1, 0.5)])
+        ]
+        for family in families:
+            run = {"run": f"{family} lr=0.001 seed=0", "family": family, "kind": "full", "seed": 0, "lr": 1e-3}
+            runs.append(run | {"points": points, "kept": points[-1], "trainable_entries": 10, "delta_bytes": 10})
+        settings |= {"seeds": [0], "eval_every": 1.0, "eval_unit": "epochs", "objective": objective}
+        settings |= {"families": [{"family": f, "kind": "full", "density": None, "score": None} for f in families]}
+        settings["grids"] = {f: [1e-3] for f in families}
+        evaluated = [{"method": f"{f} seed=0", "group": "operating", "family": f, "seed": 0} for f in families]
+        reference = [{"method": "target (no unlearning)", "group": "reference"}]
+        return {
+            "mode": "frontier",
+            "command": "c",
+            "settings": settings,
+            "runs": runs,
+            "results": reference + evaluated,
+        }
+
+    (tmp_path / "new.json").write_text(json.dumps(report("ihl", ["LoRA r=8 IHL"])))
+    (tmp_path / "old.json").write_text(json.dumps(report("npo", ["full NPO", "GRIN 1% NPO", "GRIN 25% NPO"])))
+    argv = ["--frontier", "--merge", str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--out", str(tmp_path)]
+    merged = bench_tofu.main([*argv, "--methods", "LoRA r=8 IHL,full NPO,GRIN 25% NPO", "--stem", "m"])
+    kept = ["LoRA r=8 IHL", "full NPO", "GRIN 25% NPO"]
+    assert [f["family"] for f in merged["frontiers"]] == kept
+    assert list(merged["settings"]["grids"]) == kept and merged["settings"]["objective"] == "ihl,npo"
+    assert [r["method"] for r in merged["results"]] == ["target (no unlearning)"] + [f"{f} seed=0" for f in kept]
+    assert "GRIN 1% NPO" not in (tmp_path / "m.md").read_text()
+    with pytest.raises(SystemExit, match="matched no run"):
+        bench_tofu.main([*argv, "--methods", "SimNPO", "--stem", "x"])
+
+
 def test_mask_grids_follow_the_density_band_unless_overridden():
     import tofu_methods
 
