@@ -225,6 +225,28 @@ def test_frontier_smoke_run_scores_trajectories_and_evaluates_operating_checkpoi
     assert (out / "tofu_smoke.md").read_text() == table
 
 
+def test_one_process_frontier_report_keeps_the_finished_runs_when_stopped(tmp_path, monkeypatch):
+    import tofu_frontier
+
+    finished = []
+
+    def run_then_stop(run, context, settings, checkpoints):
+        if finished:
+            raise KeyboardInterrupt  # the process is stopped during its second run
+        finished.append(run.name)
+        point = {"step": 0, "epoch": 0.0, "forget": 0.9, "retain": 0.9}
+        record = {"run": run.name, "family": run.group, "kind": run.kind, "seed": run.seed, "lr": run.lr}
+        return record | {"points": [point], "kept": point, "trainable_entries": 1, "delta_bytes": 1}
+
+    monkeypatch.setattr(tofu_frontier, "frontier_run", run_then_stop)
+    data, out = write_tofu_like(tmp_path / "tofu"), tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(KeyboardInterrupt):
+        bench_tofu.main([*argv, "--workers", "1", "--methods", "full NPO"])
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert [r["run"] for r in saved["runs"]] == finished and len(finished) == 1
+
+
 def test_frontier_runs_shared_by_two_workers_cover_every_seed(tmp_path):
     data = write_tofu_like(tmp_path / "tofu")
     out = tmp_path / "out"
@@ -505,3 +527,39 @@ def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tin
     loaded = tofu_runs.load_checkpoint("fila", tmp_path / "ckpt", make)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_a_stopped_frontier_log_rebuilds_the_finished_runs_as_a_mergeable_report(tmp_path):
+    import tofu_log
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "26 runs over 2 seed(s); target {'forget': 0.98}\n"
+        "[0 s] run 3/26: LoRA r=8 IHL lr=0.001 seed=1\n"
+        "    step 0 (epoch 0.00): forget 0.989 retain 0.991\n"
+        "    step 13 (epoch 1.00): forget 0.100 retain 0.700\n"
+        "    step 26 (epoch 2.00): forget 0.300 retain 0.800\n"
+        "    3 points, lowest forget 0.100; kept forget 0.100 retain 0.700; 125 s training + 41 s trajectory; "
+        "delta 191,968 bytes\n"
+        "[166 s] run 4/26: LoRA r=8 IHL lr=0.003 seed=1\n"
+        "    step 13 (epoch 1.00): forget 0.500 retain 0.900\n"  # stopped here: no summary line, left out
+    )
+    runs = tofu_log.runs_from_log(log.read_text())
+    assert [(r["run"], r["family"], r["lr"], r["seed"]) for r in runs] == [
+        ("LoRA r=8 IHL lr=0.001 seed=1", "LoRA r=8 IHL", 1e-3, 1)
+    ]
+    assert [(p["step"], p["forget"], p["retain"]) for p in runs[0]["points"]][1] == (13, 0.1, 0.7)
+    assert runs[0]["kept"]["step"] == 13 and runs[0]["delta_bytes"] == 191968 and runs[0]["wall_seconds"] == 125
+
+    family = {"family": "LoRA r=8 IHL", "kind": "lora", "density": None, "score": None, "grid": [1e-3]}
+    like = {"mode": "frontier", "command": "c", "results": [], "runs": [{**runs[0], "kind": "lora",
+            "trainable_entries": 47104, "seed": 0}], "settings": {"seeds": [0], "families": [family]}}  # fmt: skip
+    (tmp_path / "like.json").write_text(json.dumps(like))
+    out = tmp_path / "rebuilt.json"
+    report = tofu_log.main([str(log), "--like", str(tmp_path / "like.json"), "--out", str(out)])
+    assert report["runs"][0]["trainable_entries"] == 47104 and report["settings"]["seeds"] == [1]
+    assert "rebuilt" in json.loads(out.read_text())["command"]
+    like["runs"][0]["family"] = "GRIN 1% IHL"
+    (tmp_path / "like.json").write_text(json.dumps(like))
+    with pytest.raises(SystemExit, match="no --like report has the families"):
+        tofu_log.main([str(log), "--like", str(tmp_path / "like.json"), "--out", str(out)])
