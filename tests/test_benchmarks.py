@@ -551,15 +551,15 @@ def test_a_stopped_frontier_log_rebuilds_the_finished_runs_as_a_mergeable_report
     assert [(p["step"], p["forget"], p["retain"]) for p in runs[0]["points"]][1] == (13, 0.1, 0.7)
     assert runs[0]["kept"]["step"] == 13 and runs[0]["delta_bytes"] == 191968 and runs[0]["wall_seconds"] == 125
 
-    family = {"family": "LoRA r=8 IHL", "kind": "lora", "density": None, "score": None, "grid": [1e-3]}
-    like = {"mode": "frontier", "command": "c", "results": [], "runs": [{**runs[0], "kind": "lora",
-            "trainable_entries": 47104, "seed": 0}], "settings": {"seeds": [0], "families": [family]}}  # fmt: skip
+    lora = {"family": "LoRA r=8 NPO", "kind": "lora", "density": None, "trainable_entries": 47104}
+    like = {"mode": "frontier", "command": "c", "results": [], "settings": {"seeds": [0]}, "runs": [lora]}
     (tmp_path / "like.json").write_text(json.dumps(like))
-    out = tmp_path / "rebuilt.json"
-    report = tofu_log.main([str(log), "--like", str(tmp_path / "like.json"), "--out", str(out)])
-    assert report["runs"][0]["trainable_entries"] == 47104 and report["settings"]["seeds"] == [1]
+    out, argv = tmp_path / "rebuilt.json", "--frontier --objectives npo,ihl --densities 0.25 --mask-scores none"
+    report = tofu_log.main([str(log), "--argv", argv, "--like", str(tmp_path / "like.json"), "--out", str(out)])
+    assert report["runs"][0]["trainable_entries"] == 47104 and report["runs"][0]["kind"] == "lora"
+    assert report["settings"]["seeds"] == [1] and report["settings"]["grids"] == {
+        "LoRA r=8 IHL": [1e-3, 3e-3, 1e-2, 3e-2]
+    }
     assert "rebuilt" in json.loads(out.read_text())["command"]
-    like["runs"][0]["family"] = "GRIN 1% IHL"
-    (tmp_path / "like.json").write_text(json.dumps(like))
-    with pytest.raises(SystemExit, match="no --like report has the families"):
-        tofu_log.main([str(log), "--like", str(tmp_path / "like.json"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="define no family"):  # the log's IHL family needs --objectives ihl
+        tofu_log.main([str(log), "--argv=--frontier", "--like", str(tmp_path / "like.json"), "--out", str(out)])
