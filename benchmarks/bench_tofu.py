@@ -201,7 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--methods",
         default=None,
         help="Comma-separated method names or name substrings to run (target always runs). With --frontier: "
-        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%'); with --merge: the runs kept.",
+        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%'); with --merge: the family or run names "
+        "kept (exact).",
     )
     p.add_argument("--list", action="store_true", help="Print the method names (or frontier runs) and exit.")
     p.add_argument(

@@ -277,15 +277,11 @@ def split_names(text: str) -> list[str]:
 
 
 def keep_selected(report: dict[str, Any], text: str) -> dict[str, Any]:
-    """``--merge --methods``: a merged frontier report cut down to the named families or runs (matched as in
-    ``--frontier --methods``) and their operating evaluations, so rows of a larger report can be compared with new
-    ones without rerunning them; the reference rows stay."""
-    wanted = split_names(text)
-
-    def picked(name: str, family: str | None) -> bool:
-        return any(w in name.lower() or w == str(family).lower() for w in wanted)
-
-    runs = [r for r in report.get("runs", []) if picked(r["run"], r.get("family"))]
+    """``--merge --methods``: a merged frontier report cut down to the named families or runs (exact names: "LoRA r=8
+    NPO" must not pick "FILA LoRA r=8 NPO") and their operating evaluations, so rows of a larger report can be
+    compared with new ones without rerunning them; the reference rows stay."""
+    wanted = set(split_names(text))
+    runs = [r for r in report.get("runs", []) if {r["run"].lower(), str(r.get("family")).lower()} & wanted]
     if not runs:
         raise SystemExit(f"--methods matched no run of the merged reports: {text!r}")
     kept = {r["family"] for r in runs}

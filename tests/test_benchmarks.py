@@ -336,7 +336,9 @@ def test_frontier_merge_keeps_only_the_selected_families(tmp_path):
         }
 
     (tmp_path / "new.json").write_text(json.dumps(report("ihl", ["LoRA r=8 IHL"])))
-    (tmp_path / "old.json").write_text(json.dumps(report("npo", ["full NPO", "GRIN 1% NPO", "GRIN 25% NPO"])))
+    (tmp_path / "old.json").write_text(
+        json.dumps(report("npo", ["full NPO", "GRIN 1% NPO", "GRIN 25% NPO", "x full NPO"]))
+    )
     argv = ["--frontier", "--merge", str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--out", str(tmp_path)]
     merged = bench_tofu.main([*argv, "--methods", "LoRA r=8 IHL,full NPO,GRIN 25% NPO", "--stem", "m"])
     kept = ["LoRA r=8 IHL", "full NPO", "GRIN 25% NPO"]
