@@ -64,8 +64,8 @@ long and short jobs balance; their reports are merged into one (a row's ``wall s
 Code: ``tofu_models.py`` (tokenizer, cached models, regimes, task data), ``tofu_methods.py`` (what runs, grids),
 ``tofu_eval.py`` (evaluations, trajectory callback), ``tofu_runs.py`` (one job; the job queue and worker
 processes), ``tofu_frontier.py`` (the frontier benchmark's phases), ``frontier.py`` (envelope and interpolation),
-``tofu_reports.py`` (tables, JSON, plots); this file is the command line, the main table's and the pilot's
-orchestration, and ``--merge``.
+``tofu_reports.py`` (tables, JSON, plots), ``tofu_log.py`` (a stopped run's log back into a report); this file is
+the command line, the main table's and the pilot's orchestration, and ``--merge``.
 
 Outputs (``--out``, default ``benchmarks/results``): ``<stem>.json`` (settings, versions, everything measured),
 ``<stem>.md`` (tables), ``<stem>.png``; stems ``tofu_<forget>``, ``tofu_<forget>_lr_sweep``,
