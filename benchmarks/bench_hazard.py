@@ -270,7 +270,7 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         Method(f"mask {budget} random NPO", "grin", "npo", args.lr_grin, grin={**grin, "score": "random"}),
         Method(f"GRIN {budget} NPO", "grin", "npo", args.lr_grin, grin=grin),
         Method(f"GRIN {budget} GradDiff", "grin", "grad_diff", args.lr_grin, grin=grin),
-        # LoKU and its parts (BENCHMARKS.md section 7): the inverted hinge loss, FILA-initialised LoRA
+        # LoKU and its parts (BENCHMARKS.md section 9): the inverted hinge loss, FILA-initialised LoRA
         Method("LoKU (FILA LoRA r=8 IHL)", "fila", "ihl", args.lr_lora),
         Method("LoRA r=8 IHL", "lora", "ihl", args.lr_lora),
         Method(f"GRIN {budget} IHL", "grin", "ihl", args.lr_grin, grin=grin),

@@ -37,8 +37,8 @@ Three modes:
   and one "auto" run per seed, ``grin_peft.unlearn`` called without learning rate or epochs (its own operating
   point). ``--seeds 0,1`` repeats everything per unlearning seed and reports each seed and the mean. The density
   table gives trained entries and the delta file's bytes (``save_pretrained``'s adapter_model.safetensors) beside
-  the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-mask`` (per density band by default; see
-  ``benchmarks/tofu_methods.py``).
+  the figure of merit. Grids: ``--grid-full``, ``--grid-lora``, ``--grid-fila``, ``--grid-mask`` (per density band
+  by default; see ``benchmarks/tofu_methods.py``).
 
   Cost on the 2-core machine (2 workers, warm cache), measured end to end (BENCHMARKS.md section 6.4): the default
   (one seed; full NPO, LoRA, GRIN and a random mask at 1%, 25% and 50%, 4 rates each, plus the auto run: 33 runs and
@@ -63,8 +63,8 @@ long and short jobs balance; their reports are merged into one (a row's ``wall s
 Code: ``tofu_models.py`` (tokenizer, cached models, regimes, task data), ``tofu_methods.py`` (what runs, grids),
 ``tofu_eval.py`` (evaluations, trajectory callback), ``tofu_runs.py`` (one job; the job queue and worker
 processes), ``tofu_frontier.py`` (the frontier benchmark's phases), ``frontier.py`` (envelope and interpolation),
-``tofu_reports.py`` (tables, JSON, plots); this file is the command line, the main table's and the pilot's
-orchestration, and ``--merge``.
+``tofu_reports.py`` (tables, JSON, plots), ``tofu_log.py`` (a stopped run's log back into a report); this file is
+the command line, the main table's and the pilot's orchestration, and ``--merge``.
 
 Outputs (``--out``, default ``benchmarks/results``): ``<stem>.json`` (settings, versions, everything measured),
 ``<stem>.md`` (tables), ``<stem>.png``; stems ``tofu_<forget>``, ``tofu_<forget>_lr_sweep``,
@@ -114,6 +114,7 @@ from tofu_methods import (
     all_methods,
     build_methods,
     choose_learning_rates,
+    keep_selected,
     select_methods,
     sweep_methods,
 )
@@ -200,7 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--methods",
         default=None,
         help="Comma-separated method names or name substrings to run (target always runs). With --frontier: "
-        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%').",
+        "family names or substrings (e.g. 'GRIN,random', 'full NPO', '1%%'); with --merge: the family or run names "
+        "kept (exact).",
     )
     p.add_argument("--list", action="store_true", help="Print the method names (or frontier runs) and exit.")
     p.add_argument(
@@ -278,6 +280,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"LoRA r=8 NPO learning rates (default {','.join(f'{lr:g}' for lr in DEFAULT_GRID_LORA)}).",
     )
     f.add_argument(
+        "--grid-fila",
+        type=_floats,
+        default=None,
+        help="FILA-initialised LoRA r=8 learning rates (--fila; default: the LoRA grid). FILA starts in the "
+        "directions that matter most, so it forgets at lower rates than plain LoRA.",
+    )
+    f.add_argument(
         "--grid-mask",
         default=None,
         help="GRIN/mask learning rates: 'r1,r2,..' for every density or 'd1=r1,r2;d2=r3,..' per density; the "
@@ -300,7 +309,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     f.add_argument(
         "--fila",
         action="store_true",
-        help="Add FILA-initialised LoRA r=8 per objective, on the LoRA grid (with ihl: LoKU, BENCHMARKS.md §9).",
+        help="Add FILA-initialised LoRA r=8 per objective, on --grid-fila (with ihl: LoKU, BENCHMARKS.md §9).",
     )
     f.add_argument(
         "--utility",
@@ -388,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     on_gpu = default_device().type == "cuda"
     threads = set_threads(None if on_gpu else args.threads)
+    if args.merge:  # before selection: --methods then picks runs of the merged reports
+        return merge_reports(args)
     methods = select_methods(all_methods(args), args)
     if args.list:
         for m in methods:
@@ -397,8 +408,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = read_report(args.render)
         write_report(report, Path(args.render).parent, Path(args.render).stem, args.lr_sweep)
         return report
-    if args.merge:
-        return merge_reports(args)
     data = Path(args.data)
     if args.prepare:
         load_or_train(args.prepare, args.forget, data, *tiny_setup(args, data))
@@ -587,8 +596,15 @@ def merge_reports(args: argparse.Namespace) -> dict[str, Any]:
                 rows.setdefault(row["method"], row)
             known = {f["family"] for f in families}
             families += [f for f in report["settings"].get("families", []) if f["family"] not in known]
-        merged["settings"] = {**merged["settings"], "families": families}
+        grids = {}  # each family's grid from the first report that has it, in report order
+        for report in reversed(reports):
+            grids = {**report["settings"].get("grids", {}), **grids}
+        objectives = {o: 0 for r in reports for o in str(r["settings"].get("objective", "")).split(",") if o}
+        merged["settings"] = {**merged["settings"], "families": families, "grids": grids}
+        merged["settings"]["objective"] = ",".join(objectives)
         merged["runs"], merged["results"] = list(runs.values()), list(rows.values())
+        if args.methods:
+            merged = keep_selected(merged, args.methods)
     else:
         order = [m.name for m in all_methods(args)]
         merged = combine_reports(reports, order)

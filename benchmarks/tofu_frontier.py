@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,12 @@ def frontier_benchmark(
             report["runs"] = sorted((r for p in reports for r in p["runs"]), key=lambda r: order.get(r["run"], -1))
         else:
             context["workdir"] = str(shared / "scratch")
-            report["runs"] = frontier_runs(args, runs, context, shared, None)
+
+            def save(records: list[dict[str, Any]]) -> None:  # after every run: a killed benchmark keeps them
+                report["runs"], report["total_seconds"] = records, time.perf_counter() - started
+                write_report(report, out, stem)
+
+            report["runs"] = frontier_runs(args, runs, context, shared, None, save)
         report["total_seconds"] = time.perf_counter() - started
         write_report(report, out, stem)
         if args.utility != "none":
@@ -157,9 +163,15 @@ def frontier_worker(
 
 
 def frontier_runs(
-    args: argparse.Namespace, runs: list[Method], context: dict[str, Any], shared: Path, part: Path | None
+    args: argparse.Namespace,
+    runs: list[Method],
+    context: dict[str, Any],
+    shared: Path,
+    part: Path | None,
+    saved: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Phase 1: every unclaimed run, in order; ``part`` (a worker's report) is rewritten after each."""
+    """Phase 1: every unclaimed run, in order; ``part`` (a worker's report) is rewritten after each, or ``saved``
+    (the single process's report writer) is called with the runs so far."""
     settings = {
         "eval_every": args.eval_every_amount,
         "eval_unit": args.eval_unit,
@@ -187,6 +199,8 @@ def frontier_runs(
         records.append(record)
         if part is not None:
             atomic_write(part, json.dumps(json_safe({"runs": records}), indent=1))
+        if saved is not None:
+            saved(records)
     return records
 
 

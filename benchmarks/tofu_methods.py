@@ -10,8 +10,8 @@
   ``--mask-scores`` selector) of the same size at each density, and one "auto" run per seed
   (``grin_peft.unlearn`` with no learning rate or epochs). Every family has its own learning-rate grid
   (:func:`grid_for`). ``--objectives npo,ihl`` repeats every family but the auto run per objective, and ``--fila``
-  adds FILA-initialised LoRA r=8 (:mod:`grin_peft.fila`) on the LoRA grid: with IHL, that is LoKU (BENCHMARKS.md
-  section 7).
+  adds FILA-initialised LoRA r=8 (:mod:`grin_peft.fila`) on ``--grid-fila`` (default: the LoRA grid): with IHL, that
+  is LoKU (BENCHMARKS.md section 9).
 
 Learning-rate grids of the frontier benchmark (``--grid-full``, ``--grid-lora``, ``--grid-mask``). A grid must
 bracket the rates at which a family crosses the forget target within ``--epochs``; all its checkpoints join the
@@ -226,8 +226,8 @@ def fila_family(objective: str) -> str:
 def frontier_families(args: Any) -> list[dict[str, Any]]:
     """The frontier benchmark's method families, in report order: ``{"family", "kind", "density", "score",
     "grid", "objective"}`` (``grid`` None for the auto run, which picks its own rate). Every family but the auto run
-    exists once per ``--objectives`` entry (default NPO alone); ``--fila`` adds FILA-initialised LoRA r=8 on the
-    LoRA grid (LoKU with IHL)."""
+    exists once per ``--objectives`` entry (default NPO alone); ``--fila`` adds FILA-initialised LoRA r=8 on
+    ``--grid-fila``, else the LoRA grid (LoKU with IHL)."""
     overrides = parse_mask_grids(args.grid_mask)
     trim = (lambda grid: list(grid)[-2:]) if args.smoke else list  # smoke: the two largest rates of each grid
     objectives = getattr(args, "objectives", None) or ["npo"]
@@ -245,7 +245,7 @@ def frontier_families(args: Any) -> list[dict[str, Any]]:
         if getattr(args, "fila", False):
             families.append(
                 {"family": fila_family(obj), "kind": "fila", "density": None, "score": None,
-                 "grid": trim(args.grid_lora), "objective": obj}
+                 "grid": trim(args.grid_fila or args.grid_lora), "objective": obj}
             )  # fmt: skip
     for density in args.densities:
         grid = trim(grid_for(density, overrides))
@@ -299,6 +299,22 @@ def frontier_methods(args: Any) -> list[Method]:
 def split_names(text: str) -> list[str]:
     """Comma-separated names; commas inside parentheses belong to a name, as in "SSD (a=10, l=1)"."""
     return [m.strip().lower() for m in re.split(r",(?![^()]*\))", text) if m.strip()]
+
+
+def keep_selected(report: dict[str, Any], text: str) -> dict[str, Any]:
+    """``--merge --methods``: a merged frontier report cut down to the named families or runs (exact names: "LoRA r=8
+    NPO" must not pick "FILA LoRA r=8 NPO") and their operating evaluations, so rows of a larger report can be
+    compared with new ones without rerunning them; the reference rows stay."""
+    wanted = set(split_names(text))
+    runs = [r for r in report.get("runs", []) if {r["run"].lower(), str(r.get("family")).lower()} & wanted]
+    if not runs:
+        raise SystemExit(f"--methods matched no run of the merged reports: {text!r}")
+    kept = {r["family"] for r in runs}
+    results = [r for r in report.get("results", []) if r.get("group") == "reference" or r.get("family") in kept]
+    s = report["settings"]
+    families = [f for f in s.get("families", []) if f["family"] in kept]
+    grids = {name: rates for name, rates in s.get("grids", {}).items() if name in kept}
+    return {**report, "settings": {**s, "families": families, "grids": grids}, "runs": runs, "results": results}
 
 
 def select_methods(methods: list[Method], args: Any) -> list[Method]:

@@ -413,7 +413,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _density_section(families: list[dict[str, Any]], s: Mapping[str, Any], x: float) -> list[str]:
     masks = [f for f in families if f["kind"] == "grin" and f["density"] is not None]
-    if not masks:
+    if not masks or "," in str(s.get("objective", "")):  # one objective per table; several: the merit table only
         return []
     labels = list(dict.fromkeys(f["family"].split(" ", 2)[-1].removesuffix(" NPO") for f in masks))
     labels = [label for label in labels if "%" not in label]

@@ -225,6 +225,28 @@ def test_frontier_smoke_run_scores_trajectories_and_evaluates_operating_checkpoi
     assert (out / "tofu_smoke.md").read_text() == table
 
 
+def test_one_process_frontier_report_keeps_the_finished_runs_when_stopped(tmp_path, monkeypatch):
+    import tofu_frontier
+
+    finished = []
+
+    def run_then_stop(run, context, settings, checkpoints):
+        if finished:
+            raise KeyboardInterrupt  # the process is stopped during its second run
+        finished.append(run.name)
+        point = {"step": 0, "epoch": 0.0, "forget": 0.9, "retain": 0.9}
+        record = {"run": run.name, "family": run.group, "kind": run.kind, "seed": run.seed, "lr": run.lr}
+        return record | {"points": [point], "kept": point, "trainable_entries": 1, "delta_bytes": 1}
+
+    monkeypatch.setattr(tofu_frontier, "frontier_run", run_then_stop)
+    data, out = write_tofu_like(tmp_path / "tofu"), tmp_path / "out"
+    argv = ["--frontier", "--smoke", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(KeyboardInterrupt):
+        bench_tofu.main([*argv, "--workers", "1", "--methods", "full NPO"])
+    saved = json.loads((out / "tofu_smoke.json").read_text())
+    assert [r["run"] for r in saved["runs"]] == finished and len(finished) == 1
+
+
 def test_frontier_runs_shared_by_two_workers_cover_every_seed(tmp_path):
     data = write_tofu_like(tmp_path / "tofu")
     out = tmp_path / "out"
@@ -289,6 +311,43 @@ def test_frontier_reports_merge_by_run(tmp_path):
     assert fam["seeds"][0]["retain_at"] == pytest.approx(0.6)  # (0.1, 0.4)-(0.3, 0.8) across the two rates
     assert fam["seeds"][0]["best_point"]["lr"] == 1e-3
     assert "0.600" in (tmp_path / "m.md").read_text()
+
+
+def test_frontier_merge_keeps_only_the_selected_families(tmp_path):
+    def report(objective, families):
+        runs, settings = [], {"forget": "forget10", "scale": "CPU scale", "frontier_at": 0.2, "train": {}}
+        points = [
+            {"step": i, "epoch": i, "forget": f, "retain": r} for i, (f, r) in enumerate([(0.9, 0.9), (0.1, 0.5)])
+        ]
+        for family in families:
+            run = {"run": f"{family} lr=0.001 seed=0", "family": family, "kind": "full", "seed": 0, "lr": 1e-3}
+            runs.append(run | {"points": points, "kept": points[-1], "trainable_entries": 10, "delta_bytes": 10})
+        settings |= {"seeds": [0], "eval_every": 1.0, "eval_unit": "epochs", "objective": objective}
+        settings |= {"families": [{"family": f, "kind": "full", "density": None, "score": None} for f in families]}
+        settings["grids"] = {f: [1e-3] for f in families}
+        evaluated = [{"method": f"{f} seed=0", "group": "operating", "family": f, "seed": 0} for f in families]
+        reference = [{"method": "target (no unlearning)", "group": "reference"}]
+        return {
+            "mode": "frontier",
+            "command": "c",
+            "settings": settings,
+            "runs": runs,
+            "results": reference + evaluated,
+        }
+
+    (tmp_path / "new.json").write_text(json.dumps(report("ihl", ["LoRA r=8 IHL"])))
+    (tmp_path / "old.json").write_text(
+        json.dumps(report("npo", ["full NPO", "GRIN 1% NPO", "GRIN 25% NPO", "x full NPO"]))
+    )
+    argv = ["--frontier", "--merge", str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--out", str(tmp_path)]
+    merged = bench_tofu.main([*argv, "--methods", "LoRA r=8 IHL,full NPO,GRIN 25% NPO", "--stem", "m"])
+    kept = ["LoRA r=8 IHL", "full NPO", "GRIN 25% NPO"]
+    assert [f["family"] for f in merged["frontiers"]] == kept
+    assert list(merged["settings"]["grids"]) == kept and merged["settings"]["objective"] == "ihl,npo"
+    assert [r["method"] for r in merged["results"]] == ["target (no unlearning)"] + [f"{f} seed=0" for f in kept]
+    assert "GRIN 1% NPO" not in (tmp_path / "m.md").read_text()
+    with pytest.raises(SystemExit, match="matched no run"):
+        bench_tofu.main([*argv, "--methods", "SimNPO", "--stem", "x"])
 
 
 def test_mask_grids_follow_the_density_band_unless_overridden():
@@ -442,6 +501,13 @@ def test_frontier_objectives_and_fila_add_families_and_leave_the_default_alone()
     loku = [r for r in runs if r.group == "LoKU (FILA LoRA r=8 IHL)"]
     assert [r.lr for r in loku] == list(tofu_methods.DEFAULT_GRID_LORA)
     assert {(r.kind, r.objective) for r in loku} == {("fila", "ihl")}
+    # --grid-fila moves both FILA families (not plain LoRA) to their own rates
+    args = bench_tofu.parse_args(
+        ["--frontier", "--objectives", "npo,ihl", "--fila", "--densities", "0.25", "--grid-fila", "3e-4,1e-3"]
+    )
+    grids = {f["family"]: f["grid"] for f in tofu_methods.frontier_families(args)}
+    assert grids["LoKU (FILA LoRA r=8 IHL)"] == grids["FILA LoRA r=8 NPO"] == [3e-4, 1e-3]
+    assert grids["LoRA r=8 IHL"] == list(tofu_methods.DEFAULT_GRID_LORA)
 
 
 def test_frontier_variants_run_grin_as_published_and_re_localised_and_are_reported_by_their_own_name():
@@ -486,3 +552,39 @@ def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tin
     loaded = tofu_runs.load_checkpoint("fila", tmp_path / "ckpt", make)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=1e-4, rtol=1e-4)
+
+
+def test_a_stopped_frontier_log_rebuilds_the_finished_runs_as_a_mergeable_report(tmp_path):
+    import tofu_log
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "26 runs over 2 seed(s); target {'forget': 0.98}\n"
+        "[0 s] run 3/26: LoRA r=8 IHL lr=0.001 seed=1\n"
+        "    step 0 (epoch 0.00): forget 0.989 retain 0.991\n"
+        "    step 13 (epoch 1.00): forget 0.100 retain 0.700\n"
+        "    step 26 (epoch 2.00): forget 0.300 retain 0.800\n"
+        "    3 points, lowest forget 0.100; kept forget 0.100 retain 0.700; 125 s training + 41 s trajectory; "
+        "delta 191,968 bytes\n"
+        "[166 s] run 4/26: LoRA r=8 IHL lr=0.003 seed=1\n"
+        "    step 13 (epoch 1.00): forget 0.500 retain 0.900\n"  # stopped here: no summary line, left out
+    )
+    runs = tofu_log.runs_from_log(log.read_text())
+    assert [(r["run"], r["family"], r["lr"], r["seed"]) for r in runs] == [
+        ("LoRA r=8 IHL lr=0.001 seed=1", "LoRA r=8 IHL", 1e-3, 1)
+    ]
+    assert [(p["step"], p["forget"], p["retain"]) for p in runs[0]["points"]][1] == (13, 0.1, 0.7)
+    assert runs[0]["kept"]["step"] == 13 and runs[0]["delta_bytes"] == 191968 and runs[0]["wall_seconds"] == 125
+
+    lora = {"family": "LoRA r=8 NPO", "kind": "lora", "density": None, "trainable_entries": 47104}
+    like = {"mode": "frontier", "command": "c", "results": [], "settings": {"seeds": [0]}, "runs": [lora]}
+    (tmp_path / "like.json").write_text(json.dumps(like))
+    out, argv = tmp_path / "rebuilt.json", "--frontier --objectives npo,ihl --densities 0.25 --mask-scores none"
+    report = tofu_log.main([str(log), "--argv", argv, "--like", str(tmp_path / "like.json"), "--out", str(out)])
+    assert report["runs"][0]["trainable_entries"] == 47104 and report["runs"][0]["kind"] == "lora"
+    assert report["settings"]["seeds"] == [1] and report["settings"]["grids"] == {
+        "LoRA r=8 IHL": [1e-3, 3e-3, 1e-2, 3e-2]
+    }
+    assert "rebuilt" in json.loads(out.read_text())["command"]
+    with pytest.raises(SystemExit, match="define no family"):  # the log's IHL family needs --objectives ihl
+        tofu_log.main([str(log), "--argv=--frontier", "--like", str(tmp_path / "like.json"), "--out", str(out)])
