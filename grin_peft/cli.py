@@ -164,8 +164,10 @@ def _qa_format(args: argparse.Namespace, tokenizer):
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .config import GrinConfig
     from .pipeline import unlearn
+    from .sharpness import check_rho
 
     _check_output(args.output)
+    check_rho(args.sam_rho)
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
     refusals = _read_refusals(args)
@@ -203,6 +205,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             operating_point=point,
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
+            sam_rho=args.sam_rho,
             disable_tqdm=True,
             verbose=main_process,
             **schedule,
@@ -473,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="fixed passes over the forget set: switches it off too")
     p.add_argument("--batch-size", type=int, default=8, help="forget (and retain) examples per step (8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sam-rho",
+        type=float,
+        default=0.0,
+        help="sharpness-aware unlearning, a defence against relearning attacks (grin_peft.sharpness): the radius of "
+        "the worst-case weight step the forget loss is trained against; ~2x the training time (0: off)",
+    )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
     _add_format_flags(p)
