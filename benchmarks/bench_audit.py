@@ -184,10 +184,35 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def render_relearning(results: list[dict[str, Any]]) -> str:
+    """The relearning attack in absolute numbers, a row per run: where unlearning left the model (forget and retain
+    probability, the operating point a defence must not move) and what each attack brought back on the held-out
+    forget items (answer probability: original / unlearned -> attacked, and the recovered fraction)."""
+    head = ["method", "epochs", "forget prob u", "retain prob u"]
+    head += ["relearn forget: o / u -> attacked", "recovered", "relearn retain: u -> attacked", "recovered", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        rep = res["report"]
+        rows = [_row_for(rep, "relearning", source) for source in ("forget", "related")]
+        if None in rows:
+            continue
+        unlearned = rep["baseline"]["unlearned"]
+        cells = [res["method"], f"{res['config'].get('epochs', '-')}", f"{unlearned['forget']['probability']:.3f}"]
+        cells.append(f"{unlearned['retain']['probability']:.3f}")
+        for row in rows:
+            o, u, a = (row[k]["probability"] for k in ("original", "unlearned", "attacked"))
+            cells += [f"{o:.3f} / {u:.3f} -> {a:.3f}" if row is rows[0] else f"{u:.3f} -> {a:.3f}", _cell(row)]
+        cells.append("-" if res.get("train_seconds") is None else f"{res['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{stem}.json", json.dumps({**meta, "results": results}, indent=2, default=str))
-    atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results))
+    relearning = render_relearning(results)
+    extra = f"\nRelearning in absolute numbers:\n\n{relearning}" if relearning else ""
+    atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results) + extra)
     plot(results, out / f"{stem}.png")
 
 
@@ -264,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     meta = {"command": "python benchmarks/bench_audit.py " + " ".join(sys.argv[1:]), "environment": environment()}
     if args.merge:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        for part in parts:  # rows saved before the config recorded the epochs ran the part's own
+            for result in part["results"]:
+                result.setdefault("config", {}).setdefault(
+                    "epochs", part.get("settings", {}).get("train", {}).get("num_train_epochs")
+                )
         meta["parts"] = [{k: v for k, v in part.items() if k != "results"} for part in parts]
         order = {m.name: i for i, m in enumerate(METHODS)}
 
@@ -328,7 +358,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append(
                 {
                     "method": method.name,
-                    "config": {**method.describe(), "sam_rho": rho, "seed": args.seed},
+                    "config": {
+                        **method.describe(),
+                        "sam_rho": rho,
+                        "seed": args.seed,
+                        "epochs": train["num_train_epochs"],
+                    },
                     "train_seconds": cost.get("wall_seconds"),
                     "audit_seconds": report.seconds,
                     "trainable_entries": cost.get("trainable_entries"),

@@ -111,3 +111,22 @@ def test_each_grin_row_runs_once_per_radius_with_its_seed_and_other_rows_once():
     ]
     assert all(m.grin["seed"] == 1 and m.grin["density"] == grin.grin["density"] for m, _ in runs)
     assert [(m.name, rho) for m, rho in bench_audit.with_sharpness(full, [0.0, 0.3], seed=0)] == [(full.name, 0.0)]
+
+
+def test_relearning_table_gives_the_operating_point_and_the_absolute_probabilities():
+    def relearn_row(source, attacked, fraction):
+        probabilities = {"original": 0.9, "unlearned": 0.1, "attacked": attacked}
+        out = row("relearning", f"{source} data: full", fraction, fraction)
+        return {**out, **{key: {"probability": value} for key, value in probabilities.items()}}
+
+    res = result("GRIN 1% + SAM rho=1", [])
+    res["config"], res["train_seconds"] = {"epochs": 5.0}, 12.4
+    res["report"]["baseline"]["unlearned"] = {"forget": {"probability": 0.2}, "retain": {"probability": 0.6}}
+    res["report"]["rows"] = [relearn_row("forget", 0.3, 0.25), relearn_row("related", 0.5, 0.5)]
+    table = bench_audit.render_relearning([res, result("quantized only", [])])
+    assert table.splitlines()[2] == (
+        "| GRIN 1% + SAM rho=1 | 5.0 | 0.200 | 0.600 | 0.900 / 0.100 -> 0.300 | 25% (25%) "
+        "| 0.100 -> 0.500 | 50% (50%) | 12 |"
+    )
+    assert len(table.splitlines()) == 3  # a run without the relearning attack has no row
+    assert bench_audit.render_relearning([result("quantized only", [])]) == ""
