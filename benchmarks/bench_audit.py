@@ -297,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         meta["parts"] = [{k: v for k, v in part.items() if k != "results"} for part in parts]
         order = {m.name: i for i, m in enumerate(METHODS)}
 
-        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # each floored delta right after its own row
-            base, _, floor = result["method"].partition(" + bin-width floor")
-            return order.get(base, len(order)), bool(floor)
+        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # variants (floor, seed, SAM) after their own row
+            base = result["method"].split(" + ")[0].split(", ")[0]
+            return order.get(base, len(order)), base != result["method"]
 
         write(sorted((r for part in parts for r in part["results"]), key=rank), meta, out, args.stem)
         return
