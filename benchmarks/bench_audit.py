@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -79,6 +80,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--mitigate", type=float, default=1.0, help="also audit GRIN deltas floored at this many bins (0: no)"
     )
+    p.add_argument("--seed", type=int, default=0, help="training seed, and the GRIN rows' selection/noise seed")
+    p.add_argument(
+        "--sam-rho", type=float, nargs="+", default=[0.0],
+        help="unlearn each GRIN row once per radius (UnlearningArguments.sam_rho; 0: plain, no SAM)",
+    )  # fmt: skip
+    p.add_argument("--attacks", default=None, help="comma-separated attacks to run (default: all)")
+    p.add_argument("--modes", default="8bit,nf4,fp4", help="comma-separated quantization modes (default: all)")
+    p.add_argument(
+        "--shrink", type=float, nargs="*", default=[],
+        help="also audit, under quantization only, the original moved this fraction of the way to each row's model",
+    )  # fmt: skip
+    p.add_argument("--objective", default="npo", help="objective of the --extra-full-lr rows (npo, grad_ascent, ...)")
     p.add_argument("--smoke", action="store_true", help="tiny everything: checks the code path in seconds")
     return p.parse_args(argv)
 
@@ -107,13 +120,22 @@ def _module_summary(changes: list[dict[str, Any]]) -> dict[str, float | None]:
         out[key] = sum(r[key] * r["changed"] for r in changes if r["changed"]) / changed
     medians = [r["median_change_over_bin"] for r in changes if r["changed"]]
     out["median_of_module_medians"] = float(torch.tensor(medians).median())
+    if all("change_sq" in r for r in changes if r["changed"]):  # rows measured before these fields existed lack them
+        out["mean_change_over_bin"] = (
+            sum(r["mean_change_over_bin"] * r["changed"] for r in changes if r["changed"]) / changed
+        )
+        total = sum(r["change_sq"] for r in changes if r["changed"])
+        for qt in ("nf4", "fp4"):
+            out[f"projection_kept_{qt}"] = (
+                sum(r[f"projection_kept_{qt}"] * r["change_sq"] for r in changes if r["changed"]) / total
+            )
     return out
 
 
 def render(results: list[dict[str, Any]]) -> str:
     """One markdown table: a row per method, recovered fractions per attack, MIA and the change/bin summary."""
     head = ["method", "forget prob o -> u", "retain prob o -> u", *[c[0] for c in COLUMNS]]
-    head += ["MinK AUC o -> u", "median |change|/NF4 bin", "changes kept by NF4 / FP4"]
+    head += ["MinK AUC o -> u", "median |change|/NF4 bin", "changes kept by NF4 / FP4", "change kept as a whole"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
         rep, base = res["report"], res["report"]["baseline"]
@@ -127,6 +149,9 @@ def render(results: list[dict[str, Any]]) -> str:
             "n/a" if mink is None else f"{mink['auc_original']:.3f} -> {mink['auc_unlearned']:.3f}",
             "-" if mods.get("median_of_module_medians") is None else f"{mods['median_of_module_medians']:.3g}",
             "-" if mods["kept_by_nf4"] is None else f"{mods['kept_by_nf4']:.0%} / {mods['kept_by_fp4']:.0%}",
+            "-"
+            if "projection_kept_nf4" not in mods
+            else f"{mods['projection_kept_nf4']:.0%} / {mods['projection_kept_fp4']:.0%}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -159,11 +184,76 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def render_relearning(results: list[dict[str, Any]]) -> str:
+    """The relearning attack in absolute numbers, a row per run: where unlearning left the model (forget and retain
+    probability, the operating point a defence must not move) and what each attack brought back on the held-out
+    forget items (answer probability: original / unlearned -> attacked, and the recovered fraction)."""
+    head = ["method", "epochs", "forget prob u", "retain prob u"]
+    head += ["relearn forget: o / u -> attacked", "recovered", "relearn retain: u -> attacked", "recovered", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        rep = res["report"]
+        rows = [_row_for(rep, "relearning", source) for source in ("forget", "related")]
+        if None in rows:
+            continue
+        unlearned = rep["baseline"]["unlearned"]
+        cells = [res["method"], f"{res['config'].get('epochs', '-')}", f"{unlearned['forget']['probability']:.3f}"]
+        cells.append(f"{unlearned['retain']['probability']:.3f}")
+        for row in rows:
+            o, u, a = (row[k]["probability"] for k in ("original", "unlearned", "attacked"))
+            cells += [f"{o:.3f} / {u:.3f} -> {a:.3f}" if row is rows[0] else f"{u:.3f} -> {a:.3f}", _cell(row)]
+        cells.append("-" if res.get("train_seconds") is None else f"{res['train_seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{stem}.json", json.dumps({**meta, "results": results}, indent=2, default=str))
-    atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results))
+    relearning = render_relearning(results)
+    extra = f"\nRelearning in absolute numbers:\n\n{relearning}" if relearning else ""
+    atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results) + extra)
     plot(results, out / f"{stem}.png")
+
+
+def moved_towards(model: torch.nn.Module, target: torch.nn.Module, alpha: float) -> torch.nn.Module:
+    """A plain copy of ``target`` moved ``alpha`` of the way to ``model`` (adapters merged): the same change,
+    ``alpha`` times as large."""
+    from grin_peft.audit.quantization import plain_model
+
+    moved = plain_model(model)
+    start = target.state_dict()
+    end = {k: v for k, v in moved.state_dict().items() if v.is_floating_point()}
+    new = {k: start[k] + alpha * (v - start[k]) for k, v in end.items()}  # all first: tied weights share a tensor
+    with torch.no_grad():
+        for key, value in end.items():
+            value.copy_(new[key])
+    return moved
+
+
+def shrunk(model, target, forget, retain, fmt, items, cap, method, alpha, modes) -> dict[str, Any]:
+    """:func:`moved_towards` under the quantization attack only: where, in bin widths, a 4-bit copy starts to
+    round the change away."""
+    name = f"{method.name}, x{alpha:g} of the change"
+    report = audit(
+        moved_towards(model, target, alpha), forget, retain, tokenizer=fmt, original=copy.deepcopy(target),
+        attacks=["quantization"], quantization_modes=modes, max_items=items, max_new_tokens=cap, batch_size=32,
+        name=name, log=lambda m: log(f"  {m[:150]}"),
+    )  # fmt: skip
+    return {"method": name, "config": {**method.describe(), "shrink": alpha}, "report": report.to_dict()}
+
+
+def with_sharpness(method: Method, radii: Sequence[float], seed: int) -> list[tuple[Method, float]]:
+    """The runs of one method: a GRIN row once per SAM radius (0: plain) with its selection seed set to ``seed``;
+    any other row once, plain."""
+    suffix = f", seed {seed}" if seed else ""
+    if method.kind != "grin":
+        return [(dataclasses.replace(method, name=method.name + suffix), 0.0)]
+    runs = []
+    for rho in radii:
+        name = method.name + suffix + (f" + SAM rho={rho:g}" if rho else "")
+        runs.append((dataclasses.replace(method, name=name, grin={**method.grin, "seed": seed}), rho))
+    return runs
 
 
 def quantized_target(target, fmt, forget, modes, cap) -> dict[str, Any]:
@@ -199,12 +289,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     meta = {"command": "python benchmarks/bench_audit.py " + " ".join(sys.argv[1:]), "environment": environment()}
     if args.merge:
         parts = [json.loads(Path(path).read_text()) for path in args.merge]
+        for part in parts:  # rows saved before the config recorded the epochs ran the part's own
+            for result in part["results"]:
+                result.setdefault("config", {}).setdefault(
+                    "epochs", part.get("settings", {}).get("train", {}).get("num_train_epochs")
+                )
         meta["parts"] = [{k: v for k, v in part.items() if k != "results"} for part in parts]
         order = {m.name: i for i, m in enumerate(METHODS)}
 
-        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # each floored delta right after its own row
-            base, _, floor = result["method"].partition(" + bin-width floor")
-            return order.get(base, len(order)), bool(floor)
+        def rank(result: dict[str, Any]) -> tuple[int, bool]:  # variants (floor, seed, SAM) after their own row
+            base = result["method"].split(" + ")[0].split(", ")[0]
+            return order.get(base, len(order)), base != result["method"]
 
         write(sorted((r for part in parts for r in part["results"]), key=rank), meta, out, args.stem)
         return
@@ -221,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.smoke:
         forget, retain = forget[:12], retain[:12]
         train = {**train, "num_train_epochs": 1}
-    modes = ("8bit",) if args.smoke else ("8bit", "nf4", "fp4")  # the smoke model's rows are narrower than a block
+    modes = ("8bit",) if args.smoke else tuple(args.modes.split(","))  # the smoke model's rows are below a block
     relearn = RelearnSettings(
         items=min(args.relearn_items, len(forget) // 2), steps=args.relearn_steps, lr=args.relearn_lr
     )
@@ -231,38 +326,53 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not wanted and not args.extra_full_lr:
         methods = list(METHODS)
     epochs = args.epochs or train["num_train_epochs"]
-    methods += [Method(f"full NPO lr={lr:g}, {epochs:g} epochs", "full", "npo", lr) for lr in args.extra_full_lr]
+    label = {"npo": "NPO", "grad_ascent": "GA", "grad_diff": "GradDiff"}.get(args.objective, args.objective)
+    methods += [
+        Method(f"full {label} lr={lr:g}, {epochs:g} epochs", "full", args.objective, lr) for lr in args.extra_full_lr
+    ]
     if args.epochs:
         train = {**train, "num_train_epochs": args.epochs}
+    train = {**train, "seed": args.seed}
+    runs = [run for m in methods for run in with_sharpness(m, args.sam_rho, args.seed)]
+    attacks = None if args.attacks is None else [a.strip() for a in args.attacks.split(",") if a.strip()]
     meta["settings"] = {"train": train, "items": items, "relearn": vars(relearn), "max_new_tokens": cap}
     results: list[dict[str, Any]] = []
     if args.quantized_target:
         meta["quantized_target"] = quantized_target(target, fmt, forget[:items], modes, cap)
     localize_retain = localize_sample(retain, 400, 0)
     with tempfile.TemporaryDirectory(prefix="bench_audit_") as workdir:
-        for method in methods:
+        for method, rho in runs:
             t0 = time.perf_counter()
             log(f"{method.name}: unlearning")
+            method_train = {**train, "sam_rho": rho} if rho else train
             model, cost = run_method(
-                method, lambda: copy.deepcopy(target), fmt, forget, retain, train=train, workdir=workdir,
+                method, lambda: copy.deepcopy(target), fmt, forget, retain, train=method_train, workdir=workdir,
                 localize_retain=localize_retain, log=log,
             )  # fmt: skip
             original = copy.deepcopy(target) if method.kind == "full" else None
             report = audit(
                 model, forget, retain, tokenizer=fmt, original=original, holdout=holdout, max_items=items,
                 relearn_settings=relearn, max_new_tokens=cap, quantization_modes=modes, batch_size=32,
-                name=method.name, log=lambda m: log(f"  {m[:150]}"),
+                name=method.name, attacks=attacks, log=lambda m: log(f"  {m[:150]}"),
             )  # fmt: skip
             results.append(
                 {
                     "method": method.name,
-                    "config": method.describe(),
+                    "config": {
+                        **method.describe(),
+                        "sam_rho": rho,
+                        "seed": args.seed,
+                        "epochs": train["num_train_epochs"],
+                    },
                     "train_seconds": cost.get("wall_seconds"),
                     "audit_seconds": report.seconds,
                     "trainable_entries": cost.get("trainable_entries"),
                     "report": report.to_dict(),
                 }
             )
+            for alpha in args.shrink:
+                results.append(shrunk(model, target, forget, retain, fmt, items, cap, method, alpha, modes))
+                write(results, meta, out, args.stem)
             if method.kind == "grin" and args.mitigate:
                 results.append(mitigated(model, target, forget, retain, fmt, items, cap, method, args.mitigate, modes))
             log(f"{method.name}: {time.perf_counter() - t0:.0f} s")

@@ -164,10 +164,12 @@ def _qa_format(args: argparse.Namespace, tokenizer):
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .config import GrinConfig
     from .pipeline import unlearn
+    from .sharpness import check_rho
 
     _check_output(args.output)
     if args.threads is not None and args.threads < 1:
         raise _fail(f"--threads must be a positive integer, got {args.threads}.")
+    check_rho(args.sam_rho)
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
     refusals = _read_refusals(args)
@@ -205,6 +207,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             operating_point=point,
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
+            sam_rho=args.sam_rho,
             disable_tqdm=True,
             verbose=main_process,
             **schedule,
@@ -481,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch threads; default: 1 for a CPU model below 25M parameters unless OMP_NUM_THREADS is set, else "
         "torch's choice (grin_peft.threads)",
+    )
+    p.add_argument(
+        "--sam-rho",
+        type=float,
+        default=0.0,
+        help="sharpness-aware unlearning, a defence against relearning attacks (grin_peft.sharpness): the radius of "
+        "the worst-case weight step the forget loss is trained against; ~2x the training time (0: off)",
     )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from .data import IGNORE_INDEX, EncodedQA, QACollator, QAFormat, as_format
 from .errors import GrinError, remedy
 from .objectives import ObjectiveInputs, UnlearningObjective, get_objective, sequence_nll
+from .sharpness import check_rho, sharpness_aware_step
 
 __all__ = [
     "UNLEARN_CRITERIA",
@@ -130,6 +131,15 @@ class UnlearningArguments(TrainingArguments):
     num_train_epochs: float = field(
         default=10.0, metadata={"help": "Passes over the forget set (open-unlearning's TOFU default is 10)."}
     )
+    sam_rho: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Sharpness-aware unlearning (grin_peft.sharpness, a defence against relearning): the L2 radius, over "
+                "the trainable parameters, of the worst-case step the forget term is trained against. 0: off."
+            )
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Unused: paired batches are not model inputs, so nothing is removed."}
@@ -144,6 +154,7 @@ class UnlearningArguments(TrainingArguments):
             not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 1
         ):
             raise GrinError(f"num_threads must be a positive integer or None; got {self.num_threads!r}.")
+        check_rho(self.sam_rho)
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = "unlearn_score"
         super().__post_init__()
@@ -557,6 +568,14 @@ class UnlearningTrainer(Trainer):
                     self._objective_logs[key].append(value)
                     self._run_logs[key].append(value)
         return (loss, logs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`Trainer.training_step`, or with ``args.sam_rho > 0`` a sharpness-aware one (:mod:`grin_peft.sharpness`)."""
+        if self.args.sam_rho > 0:
+            return sharpness_aware_step(self, model, inputs, num_items_in_batch)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     @contextlib.contextmanager
     def _reference_mode(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -170,6 +170,7 @@ def test_module_changes_cover_every_quantized_layer(report, unlearned):
     for row in report.module_changes:
         assert row["changed"] == unlearned.base_model.num_entries()[row["module"]]
         assert 0.0 <= row["kept_by_nf4"] <= 1.0 and row["median_change_over_bin"] > 0
+        assert row["change_sq"] > 0 and row["mean_change_over_bin"] > 0 and "projection_kept_fp4" in row
 
 
 def test_report_saves_markdown_json_and_plot(report, tmp_path):
@@ -179,6 +180,7 @@ def test_report_saves_markdown_json_and_plot(report, tmp_path):
     assert data["rows"][1]["recovered"] == report.rows[1]["recovered"]
     text = paths["markdown"].read_text()
     assert "| quantization | nf4 |" in text and "Membership inference" in text and "kept by NF4" in text
+    assert "whole (NF4)" in text
     assert paths["plot"].stat().st_size > 1000
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 
+import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from peft import get_peft_model
 from test_audit import FORGET, RETAIN, make_tokenizer, tiny_llama, train
+from torch import nn
 
 from grin_peft import GrinConfig
 from grin_peft.audit import RelearnSettings, floor_to_bin_width
@@ -59,6 +61,47 @@ def test_change_vs_bin_width_counts_what_a_4bit_copy_keeps(model):
     assert row["below_half_bin"] == 0.0
     assert row["kept_by_nf4"] == 1.0
     assert torch.equal(_roundtrip(before.get_submodule(name).weight, "nf4")[1:], _roundtrip(weight, "nf4")[1:])
+
+
+def _on_levels() -> nn.Module:
+    """One linear layer whose two 64-entry blocks have scale 1 and hold the 15 lowest NF4 levels exactly."""
+    layer = nn.Sequential(nn.Linear(64, 2, bias=False))
+    with torch.no_grad():
+        layer[0].weight.zero_()
+        layer[0].weight[:, 0] = 1.0  # the block maximum, never changed: the scale stays 1
+        layer[0].weight[:, 1:16] = bnb_functional.get_4bit_type("nf4", device="cpu").float().sort().values[:15]
+    return layer
+
+
+def test_projection_kept_is_zero_when_no_entry_crosses_a_rounding_boundary_and_one_when_each_lands_on_a_level():
+    before = _on_levels()
+    levels = bnb_functional.get_4bit_type("nf4", device="cpu").float().sort().values
+    small, onto_next = copy.deepcopy(before), copy.deepcopy(before)
+    with torch.no_grad():
+        small[0].weight[:, 2:10] += 0.1 * bin_width(before[0].weight)[:, 2:10]  # a tenth of a bin: rounds back
+        onto_next[0].weight[:, 2:10] = levels[2:10]  # each of entries 2..9 (level i-1) moves up one level
+    (row,) = change_vs_bin_width(before, small, ["0"])
+    assert row["projection_kept_nf4"] == 0.0 and row["kept_by_nf4"] == 0.0
+    assert row["mean_change_over_bin"] == pytest.approx(0.1, rel=1e-5)
+    (row,) = change_vs_bin_width(before, onto_next, ["0"])
+    assert row["projection_kept_nf4"] == pytest.approx(1.0, rel=1e-5) and row["kept_by_nf4"] == 1.0
+
+
+def test_rounding_keeps_a_sub_bin_change_on_average_when_weights_sit_anywhere_in_their_bins():
+    """Entries spread over their bins: a change of 0.05 or 0.2 bins survives in only some entries, but those
+    carry a whole bin, so the 4-bit copies keep the change as a whole (the dither argument of BENCHMARKS.md 10)."""
+    generator = torch.Generator().manual_seed(0)
+    before = nn.Sequential(nn.Linear(256, 256, bias=False))
+    with torch.no_grad():
+        before[0].weight.copy_(0.02 * torch.randn(256, 256, generator=generator))
+    for fraction in (0.05, 0.2):
+        after = copy.deepcopy(before)
+        signs = torch.sign(torch.randn(256, 256, generator=generator))
+        with torch.no_grad():
+            after[0].weight.add_(fraction * bin_width(before[0].weight) * signs)
+        (row,) = change_vs_bin_width(before, after, ["0"])
+        assert row["below_half_bin"] == 1.0
+        assert 0.9 < row["projection_kept_nf4"] < 1.1 and 0.9 < row["projection_kept_fp4"] < 1.15
 
 
 def test_jailbreak_prefix_belongs_to_the_prompt_and_is_never_scored(tok):

@@ -69,3 +69,64 @@ def test_merge_orders_methods_and_puts_each_floored_row_after_its_own(tmp_path):
     assert [p["command"] for p in merged["parts"]] == ["a", "b"]
     table = (tmp_path / "merged.md").read_text()
     assert "| 2% (30%) |" in table and "1.000 -> 0.750" in table
+
+
+def test_module_summary_weights_the_change_kept_as_a_whole_by_each_modules_squared_change():
+    base = {"below_half_bin": 1.0, "kept_by_nf4": 0.5, "kept_by_fp4": 0.5, "median_change_over_bin": 0.1}
+    changes = [
+        {**base, "changed": 10, "mean_change_over_bin": 0.2, "change_sq": 1.0,
+         "projection_kept_nf4": 0.0, "projection_kept_fp4": 1.0},
+        {**base, "changed": 30, "mean_change_over_bin": 0.6, "change_sq": 3.0,
+         "projection_kept_nf4": 1.0, "projection_kept_fp4": 0.5},
+    ]  # fmt: skip
+    summary = bench_audit._module_summary(changes)
+    assert summary["mean_change_over_bin"] == pytest.approx((2 + 18) / 40)  # per changed entry
+    assert summary["projection_kept_nf4"] == pytest.approx(0.75)
+    assert summary["projection_kept_fp4"] == pytest.approx((1 + 1.5) / 4)
+    assert "projection_kept_nf4" not in bench_audit._module_summary([{**base, "changed": 5}])  # older rows
+
+
+def test_moved_towards_scales_the_whole_change_and_leaves_both_models_alone():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    target, model = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for alpha in (0.0, 0.25, 1.0):
+        moved = bench_audit.moved_towards(model, target, alpha).state_dict()
+        for key, value in target.state_dict().items():
+            torch.testing.assert_close(moved[key], value + alpha * (before[key] - value))  # tied: scaled once
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_each_grin_row_runs_once_per_radius_with_its_seed_and_other_rows_once():
+    grin, full = bench_audit.METHODS[3], bench_audit.METHODS[0]
+    runs = bench_audit.with_sharpness(grin, [0.0, 0.3], seed=1)
+    assert [(m.name, rho) for m, rho in runs] == [
+        (f"{grin.name}, seed 1", 0.0),
+        (f"{grin.name}, seed 1 + SAM rho=0.3", 0.3),
+    ]
+    assert all(m.grin["seed"] == 1 and m.grin["density"] == grin.grin["density"] for m, _ in runs)
+    assert [(m.name, rho) for m, rho in bench_audit.with_sharpness(full, [0.0, 0.3], seed=0)] == [(full.name, 0.0)]
+
+
+def test_relearning_table_gives_the_operating_point_and_the_absolute_probabilities():
+    def relearn_row(source, attacked, fraction):
+        probabilities = {"original": 0.9, "unlearned": 0.1, "attacked": attacked}
+        out = row("relearning", f"{source} data: full", fraction, fraction)
+        return {**out, **{key: {"probability": value} for key, value in probabilities.items()}}
+
+    res = result("GRIN 1% + SAM rho=1", [])
+    res["config"], res["train_seconds"] = {"epochs": 5.0}, 12.4
+    res["report"]["baseline"]["unlearned"] = {"forget": {"probability": 0.2}, "retain": {"probability": 0.6}}
+    res["report"]["rows"] = [relearn_row("forget", 0.3, 0.25), relearn_row("related", 0.5, 0.5)]
+    table = bench_audit.render_relearning([res, result("quantized only", [])])
+    assert table.splitlines()[2] == (
+        "| GRIN 1% + SAM rho=1 | 5.0 | 0.200 | 0.600 | 0.900 / 0.100 -> 0.300 | 25% (25%) "
+        "| 0.100 -> 0.500 | 50% (50%) | 12 |"
+    )
+    assert len(table.splitlines()) == 3  # a run without the relearning attack has no row
+    assert bench_audit.render_relearning([result("quantized only", [])]) == ""

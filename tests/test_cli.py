@@ -103,6 +103,22 @@ def test_unlearn_accepts_the_inverted_hinge_loss(workspace, capsys, tmp_path):
     assert (tmp_path / "delta" / "adapter_model.safetensors").exists()
 
 
+def test_unlearn_sam_rho_trains_a_different_delta_sharpness_aware(workspace, capsys, tmp_path):
+    deltas = []
+    for rho in ("0", "0.5"):
+        argv = ["--forget", workspace / "forget.jsonl", "--retain", workspace / "retain.jsonl", "--density", "0.05"]
+        out_dir = tmp_path / f"delta{rho}"
+        code, out, err = run(
+            capsys, "unlearn", "--model", workspace / "model", *argv, "--epochs", "1", "--sam-rho", rho,
+            "--output", out_dir,
+        )  # fmt: skip
+        assert code == 0, err
+        deltas.append(load_file(out_dir / "adapter_model.safetensors"))
+    values = [k for k in deltas[0] if "grin_values" in k]
+    assert values and any(not torch.equal(deltas[0][k], deltas[1][k]) for k in values)
+    assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0] if "grin_indices" in k)  # same entries
+
+
 def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
     code, out, err = run(
         capsys,
@@ -129,6 +145,7 @@ def test_eval_prints_a_table_and_writes_json(workspace, capsys, tmp_path):
         ("empty", ["--forget", "{bad}"], "no records"),
         (None, ["--model", "{nomodel}"], "no such file or directory"),
         (None, ["--threads", "0"], "--threads must be a positive integer"),
+        (None, ["--sam-rho", "-0.5"], "sam_rho must be a finite number >= 0"),
     ],
 )
 def test_unlearn_bad_input_is_one_line_and_writes_nothing(workspace, capsys, tmp_path, setup, argv, message):

@@ -121,10 +121,20 @@ def _kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor, change
     return float(survived.float().mean())
 
 
+def _projection_kept(before: torch.Tensor, after: torch.Tensor, delta: torch.Tensor, qt: str) -> float:
+    """How much of the change, as a whole, the 4-bit copies keep: ``<Q(after) - Q(before), delta> / |delta|^2``.
+    1 when rounding keeps it on average (entries that cross a level carry a whole bin and make up for those that
+    round back), 0 when the two 4-bit copies agree along it."""
+    kept_delta = _roundtrip(after, qt) - _roundtrip(before, qt)
+    return float((kept_delta * delta).sum() / (delta * delta).sum())
+
+
 def change_vs_bin_width(original: nn.Module, unlearned: nn.Module, modules: list[str]) -> list[dict[str, Any]]:
-    """Per module in ``modules`` (names shared by both plain models): entries the unlearning changed, the median
-    and 90th percentile of |change| / NF4 bin width at the original entry, the share of changed entries below half
-    a bin, and the share whose NF4 and FP4 copies keep at least half of the change (:func:`_kept`)."""
+    """Per module in ``modules`` (names shared by both plain models): entries the unlearning changed, the mean,
+    median and 90th percentile of |change| / NF4 bin width at the original entry, the share of changed entries
+    below half a bin, the share whose NF4 and FP4 copies keep at least half of the change (:func:`_kept`), and
+    the share of the change as a whole that they keep (:func:`_projection_kept`; ``change_sq``, the squared
+    norm of the change, weights it across modules)."""
     rows = []
     for name in modules:
         before = original.get_submodule(name).weight.detach().float().cpu()
@@ -138,10 +148,13 @@ def change_vs_bin_width(original: nn.Module, unlearned: nn.Module, modules: list
         if count:
             ratio = (delta.abs() / bin_width(before, "nf4"))[changed]
             row.update(
+                mean_change_over_bin=float(ratio.mean()),
                 median_change_over_bin=float(ratio.median()),
                 p90_change_over_bin=float(torch.quantile(ratio, 0.9)),
                 below_half_bin=float((ratio < 0.5).float().mean()),
                 **{f"kept_by_{qt}": _kept(before, after, delta, changed, qt) for qt in ("nf4", "fp4")},
+                **{f"projection_kept_{qt}": _projection_kept(before, after, delta, qt) for qt in ("nf4", "fp4")},
+                change_sq=float((delta * delta).sum()),
             )
         rows.append(row)
     return rows

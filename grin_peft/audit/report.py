@@ -116,19 +116,21 @@ class AuditReport:
                 "",
                 "Unlearning change per quantized module against the NF4 bin width (the gap between the two 4-bit "
                 "levels a weight falls between, times its block scale); 'kept' = changed entries whose 4-bit copy "
-                f"keeps at least half of the change. The {min(MODULE_ROWS, len(changed))} modules with the most "
-                "changed entries (all in the JSON):",
+                "keeps at least half of the change; 'whole' = how much of the change, projected on it, the NF4 copy "
+                "keeps (entries that cross a level carry a whole bin: ~100% means rounding keeps the change on "
+                f"average). The {min(MODULE_ROWS, len(changed))} modules with the most changed entries (all in the "
+                "JSON):",
                 "",
                 "| module | changed / entries | median |change|/bin | p90 | below half a bin | kept by NF4 "
-                "| kept by FP4 |",
-                "|---|---|---|---|---|---|---|",
+                "| kept by FP4 | whole (NF4) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for row in changed[:MODULE_ROWS]:
                 lines.append(
                     f"| {row['module']} | {row['changed']:,} / {row['entries']:,} | "
                     f"{_num(row.get('median_change_over_bin'), '.3g')} | {_num(row.get('p90_change_over_bin'), '.3g')}"
                     f" | {_pct(row.get('below_half_bin'))} | {_pct(row.get('kept_by_nf4'))} | "
-                    f"{_pct(row.get('kept_by_fp4'))} |"
+                    f"{_pct(row.get('kept_by_fp4'))} | {_pct(row.get('projection_kept_nf4'))} |"
                 )
         return "\n".join(lines) + "\n"
 
