@@ -361,7 +361,7 @@ def test_mask_grids_follow_the_density_band_unless_overridden():
     assert tofu_methods.grid_for(0.001, grids) == [0.1, 0.3] and tofu_methods.grid_for(0.25, grids) == [1e-2, 3e-2]
     args = bench_tofu.parse_args(["--frontier", "--seeds", "0,1", "--mask-scores", "random,wagle"])
     runs = tofu_methods.frontier_methods(args)
-    per_seed = 1 + 4 + 4 + 6 * 3 * 4  # auto, full, LoRA, and GRIN + two masks at 6 densities, 4 rates each
+    per_seed = 1 + 4 + 4 + 3 * 3 * 4  # auto, full, LoRA, and GRIN + two masks at the 3 default densities, 4 rates
     assert len(runs) == 2 * per_seed and {r.seed for r in runs} == {0, 1}
     assert bench_tofu.parse_args(["--frontier", "--eval-every", "20steps"]).eval_unit == "steps"
 
