@@ -42,6 +42,7 @@ from .data import IGNORE_INDEX, EncodedQA, QACollator, QAFormat, as_format
 from .errors import GrinError, remedy
 from .objectives import ObjectiveInputs, UnlearningObjective, get_objective, sequence_nll
 from .sharpness import check_rho, sharpness_aware_step
+from .threads import torch_threads
 
 __all__ = [
     "UNLEARN_CRITERIA",
@@ -368,19 +369,6 @@ def encode_dataset(data: Any, name: str, qa_format: QAFormat | None) -> tuple[li
 # ----------------------------------------------------------------------------------------------------- trainer
 
 
-@contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class UnlearningTrainer(Trainer):
     """Train a PEFT adapter (a GRIN delta) to forget ``forget_dataset`` while keeping ``retain_dataset``.
 
@@ -616,7 +604,7 @@ class UnlearningTrainer(Trainer):
     # ------------------------------------------------------------------------------------------- train / evaluate
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, under ``args.num_threads`` torch threads when set."""
-        with _torch_threads(self.args.num_threads):
+        with torch_threads(self.args.num_threads):
             return super().train(*args, **kwargs)
 
     def evaluate(
@@ -646,7 +634,7 @@ class UnlearningTrainer(Trainer):
             }
         start = time.time()
         metrics: dict[str, float] = {}
-        with _torch_threads(self.args.num_threads):
+        with torch_threads(self.args.num_threads):
             for key in ("forget", "retain"):
                 nll = self.answer_nll(sets[key])
                 metrics[f"{metric_key_prefix}_{key}_prob"] = float(np.mean(np.exp(-nll)))
