@@ -20,8 +20,15 @@ import grin_peft
 
 def build_base(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -37,8 +44,9 @@ def main() -> None:
     base = build_base()
     original = {k: v.clone() for k, v in base.state_dict().items()}
 
-    config = grin_peft.GrinConfig(target_modules="all-linear", density=1e-2, score="random", seed=0,
-                                  forget_description="one secret sentence")
+    config = grin_peft.GrinConfig(
+        target_modules="all-linear", density=1e-2, score="random", seed=0, forget_description="one secret sentence"
+    )
     model = get_peft_model(base, config)
     model.print_trainable_parameters()
 
