@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 from localize_dist_worker import PROMPT, VOCAB, planted_model, planted_sequences
 from peft import get_peft_model
 from torch.utils.data import DataLoader
@@ -22,8 +20,6 @@ from grin_peft.localize.pipeline import compute_scores
 from grin_peft.localize.report import LocalizationReport, split_module_name
 from grin_peft.localize.scores import LOKU_EPS, nonneg_quantiles
 from grin_peft.noise import noise_values
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -313,28 +309,7 @@ def test_two_gloo_processes_select_exactly_what_one_process_selects(planted, tmp
     torch.save(model.state_dict(), tmp_path / "model.pt")
     (tmp_path / "data.json").write_text(json.dumps({"forget": forget, "retain": retain, "batch_size": 3}))
     (tmp_path / "configs.json").write_text(json.dumps(configs))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]),
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    workers = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "localize_dist_worker.py"), str(tmp_path), str(rank), "2"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    try:
-        for worker in workers:
-            output, _ = worker.communicate(timeout=240)
-            assert worker.returncode == 0, output.decode()[-3000:]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
+    run_ranks("localize_dist_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for index, options in enumerate(configs):
         peft_model = grin(model, **dict(options))

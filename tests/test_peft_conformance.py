@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from tiny_models import build, example_input, output, state
 
@@ -333,29 +334,7 @@ def test_a_module_left_without_entries_gets_a_zero_gradient_and_changes_nothing(
 
 
 def test_ddp_trains_with_a_module_that_got_no_entries(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE, os.environ.get("PYTHONPATH", "")]),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-    }
-    workers = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "peft_ddp_worker.py"), str(tmp_path), str(rank), "2"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    try:
-        for worker in workers:
-            log, _ = worker.communicate(timeout=240)
-            assert worker.returncode == 0, log.decode()[-3000:]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
+    run_ranks("peft_ddp_worker.py", tmp_path, threads=1)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert sorted(ranks[0]["entries"].values()) == [0, 1]
     assert sorted(ranks[0]["trainable"].values()) == [0, 1]  # the empty values stay trainable and get a gradient
