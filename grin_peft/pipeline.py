@@ -30,8 +30,9 @@ from .config import DEFAULT_DENSITY, GrinConfig
 from .data import QAFormat, as_format
 from .errors import GrinError
 from .operating_point import OperatingPoint, search, split_heldout
+from .paired_data import encode_dataset
 from .threads import with_thread_rule
-from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals, encode_dataset
+from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals
 
 # Localisation reads at most max(len(forget), this) retain items by default (a seeded sample): per-example gradient
 # statistics over a whole retain set (TOFU's retain90 is 3,600 items) cost more than the unlearning itself.

@@ -20,9 +20,9 @@ from grin_peft.cli import main
 from grin_peft.errors import GrinError
 from grin_peft.operating_point import OperatingPoint, split_heldout
 from grin_peft.operating_point.search import _Search
+from grin_peft.paired_data import PairedCollator
 from grin_peft.pipeline import unlearn
 from grin_peft.synthetic import write_jsonl
-from grin_peft.trainer import PairedCollator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
