@@ -252,12 +252,12 @@ def test_a_crafted_delta_is_one_line_and_a_non_zero_exit(workspace, crafted, cap
 
 def test_merge_checks_its_output_and_the_delta_type_before_loading_anything(workspace, crafted, capsys, tmp_path,
                                                                            monkeypatch):  # fmt: skip
-    import grin_peft.cli as cli
+    import grin_peft.cli.commands as commands
 
     def no_loading(name):
         raise AssertionError("the model was loaded before the cheap checks")
 
-    monkeypatch.setattr(cli, "_load_model", no_loading)
+    monkeypatch.setattr(commands, "load_model", no_loading)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
     code, _, err = run(capsys, "merge", "--model", workspace / "model", "--delta", crafted["extra"], "--output",

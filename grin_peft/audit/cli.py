@@ -54,12 +54,12 @@ def add_parser(subparsers: Any) -> None:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Check every input, load the models, audit, write the report atomically, print table and verdicts."""
-    from ..cli import _atomic_output, _check_output, _load_model, _read_items
+    from ..cli.inputs import atomic_output, check_output, load_model, read_items
     from .core import audit
     from .prompts import JAILBREAK_PREFIX
     from .relearning import RelearnSettings
 
-    _check_output(args.output)
+    check_output(args.output)
     if args.delta and args.original:
         raise GrinError("give --delta (then --model is the original) or --original, not both.")
     if not args.delta and not args.original:
@@ -69,10 +69,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = RelearnSettings(
         items=args.relearn_items, steps=args.relearn_steps, lr=args.relearn_lr, method=args.relearn_method
     )
-    forget = _read_items(args.forget, "forget")
-    retain = _read_items(args.retain, "retain")
-    holdout = _read_items(args.holdout, "holdout") if args.holdout else None
-    model, tokenizer = _load_model(args.model)
+    forget = read_items(args.forget, "forget")
+    retain = read_items(args.retain, "retain")
+    holdout = read_items(args.holdout, "holdout") if args.holdout else None
+    model, tokenizer = load_model(args.model)
     original = None
     if args.delta:
         from peft import PeftModel
@@ -82,10 +82,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         except Exception as exc:
             raise GrinError(f"cannot load adapter {args.delta!r}: {str(exc).splitlines()[0]}") from exc
     else:
-        original, _ = _load_model(args.original)
+        original, _ = load_model(args.original)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with _atomic_output(args.output) as work:
+    with atomic_output(args.output) as work:
         report = audit(
             model,
             forget,
