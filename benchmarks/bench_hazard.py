@@ -24,8 +24,9 @@ No pretrained model knows WMDP offline, so the benchmark first *teaches* one, th
 
 ``--families`` replaces the fixed-rate table by method families of the TOFU frontier benchmark (the same names,
 settings and learning-rate grids, from ``benchmarks/tofu_methods.py``) over their grids and ``--seeds``, and adds
-the WMDP task's figure of merit: general answer probability at WMDP forget answer probability ``--frontier-at``,
-read on the envelope of each family's end points (:mod:`frontier`'s rule; BENCHMARKS.md section 9).
+the WMDP task's figure of merit as TOFU's frontier reads it: WMDP forget and general answer probability are scored at
+step 0 and after every epoch, and general answer probability is read at forget ``--frontier-at`` on the envelope of
+each family's checkpoints over all its rates (:mod:`frontier`'s rule; BENCHMARKS.md section 9).
 
     python benchmarks/bench_hazard.py                 # ~10 min on 2 idle cores (first run trains the model)
     python benchmarks/bench_hazard.py --tasks wmdp --families "LoRA r=8 IHL,LoKU (FILA LoRA r=8 IHL)"
@@ -67,6 +68,7 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     settings_key,
 )
 from frontier import summarise
+from tofu_eval import TrajectoryCallback
 from tofu_methods import OBJECTIVE_LABELS, frontier_methods, split_names
 
 import grin_peft  # noqa: F401,E402  (registers GRIN with PEFT)
@@ -299,25 +301,28 @@ def family_methods(args: argparse.Namespace) -> list[Method]:
 
 
 def family_frontiers(results: Sequence[Mapping[str, Any]], x: float) -> list[dict[str, Any]]:
-    """Per family and seed of a ``--families`` run, on the WMDP task: the envelope of its runs' end points (WMDP
-    forget answer probability, general answer probability) read at forget ``x``, and its best run with forget <=
-    ``x``. End points only: every row of section 5.7 has one point per rate, so they compare on equal terms."""
+    """Per family and seed of a ``--families`` run, on the WMDP task: the envelope of its checkpoints (WMDP forget
+    answer probability, general answer probability; each run's trajectory, else its end point) read at forget
+    ``x``, and its best checkpoint with forget <= ``x``."""
     points: dict[tuple[str, Any], list[dict[str, Any]]] = {}
     for row in results:
         config = row.get("config", {})
         if row["task"] != "wmdp" or "summary" not in row or config.get("kind") == "none":
             continue
         s = row["summary"]
-        point = {"forget": s["wmdp_forget_probability"], "retain": s["general_probability"], "lr": config["lr"]}
-        points.setdefault((config["group"], config.get("seed")), []).append(point)
+        end = {"epoch": None, "forget": s["wmdp_forget_probability"], "retain": s["general_probability"]}
+        run = [{**point, "lr": config["lr"]} for point in row.get("points") or [end]]
+        points.setdefault((config["group"], config.get("seed")), []).extend(run)
     rows = []
     for (family, seed), pts in points.items():
         summary = summarise(pts, x)
         best = summary["best_point"]
+        if best is not None:
+            epoch = "end" if best["epoch"] is None else f"epoch {best['epoch']:g}"
+            best = f"{best['lr']:g}, {epoch}: {best['forget']:.3f} / {best['retain']:.3f}"
         rows.append(
-            {"family": family, "seed": seed, "rates": len(pts), "retain_at": summary["retain_at"],
-             "min_forget": summary["min_forget"],
-             "best": None if best is None else f"{best['lr']:g}: {best['forget']:.3f} / {best['retain']:.3f}"}
+            {"family": family, "seed": seed, "rates": len({p["lr"] for p in pts}), "retain_at": summary["retain_at"],
+             "min_forget": summary["min_forget"], "best": best}
         )  # fmt: skip
     return rows
 
@@ -359,11 +364,16 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> None:
             ("seed", "seed", "g"),
             ("rates", "rates", "g"),
             ("retain_at", f"general prob at WMDP forget prob {x:g}", "g"),
-            ("best", f"best run with forget <= {x:g} (lr: forget / general)", "g"),
+            ("best", f"best checkpoint with forget <= {x:g} (lr, epoch: forget / general)", "g"),
             ("min_forget", "lowest forget prob", "g"),
         )
         rows = family_frontiers(report["results"], x)
-        lines += ["## WMDP figure of merit (end point of each rate)", "", markdown_table(rows, columns), ""]
+        lines += [
+            "## WMDP figure of merit (step 0 and every epoch of every rate)",
+            "",
+            markdown_table(rows, columns),
+            "",
+        ]
     failures = [r for r in report["results"] if r.get("error")]
     if failures:
         lines += ["## Failures", ""] + [f"- {r['task']} {r['method']}: {r['error']}" for r in failures] + [""]
@@ -394,10 +404,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     f.add_argument("--seeds", type=_ints, default=None, help="Unlearning seeds (default --seed; the model: --seed).")
     f.add_argument("--densities", type=_floats, default=[0.01, 0.25], help="GRIN budgets of the families.")
     f.add_argument("--frontier-at", type=float, default=0.2, help="WMDP forget answer probability of the merit.")
-    f.add_argument("--grid-full", type=_floats, default=[3e-5, 1e-4, 3e-4], help="Full-parameter rates.")
-    f.add_argument("--grid-lora", type=_floats, default=[3e-4, 1e-3, 3e-3], help="LoRA r=8 rates.")
-    f.add_argument("--grid-fila", type=_floats, default=None, help="FILA LoRA r=8 rates (default: the LoRA grid).")
-    f.add_argument("--grid-mask", default="0.01=3e-3,1e-2,3e-2;0.25=3e-4,1e-3,3e-3", help="GRIN rates per density.")
+    f.add_argument("--grid-full", type=_floats, default=[3e-5, 1e-4, 3e-4, 1e-3], help="Full-parameter rates.")
+    f.add_argument("--grid-lora", type=_floats, default=[3e-4, 1e-3, 3e-3, 1e-2], help="LoRA r=8 rates.")
+    # x0.3 .. x10 of section 5.7's rates; FILA and GRIN 25% half a decade lower: they forgot at the lowest of those
+    f.add_argument("--grid-fila", type=_floats, default=[1e-4, 3e-4, 1e-3, 3e-3], help="FILA LoRA r=8 rates.")
+    f.add_argument("--grid-mask", default="0.01=3e-3,1e-2,3e-2,0.1;0.25=1e-4,3e-4,1e-3,3e-3", help="GRIN rates.")
     args = p.parse_args(argv)
     args.seeds = args.seeds or [args.seed]
     if args.smoke:
@@ -478,6 +489,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for method in methods:
                 _log(f"[{time.perf_counter() - started:.0f} s] {task}: {method.name}")
                 row: dict[str, Any] = {"task": task, "method": method.name, "config": method.describe()}
+                trajectory = None  # the figure of merit's checkpoints (--families, WMDP)
+                if args.families and task == "wmdp" and method.kind != "none":
+                    trajectory = TrajectoryCallback(
+                        fmt, {"forget": forget, "retain": retain}, every=1.0, unit="epochs", target=args.frontier_at,
+                        batch_size=args.eval_batch_size, keep_state=False,
+                    )  # fmt: skip
                 try:
                     unlearned, cost = run_method(
                         method,
@@ -489,7 +506,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         ssd_data=forget + retain,
                         workdir=workdir,
                         log=_log,
+                        callbacks=[trajectory] if trajectory else (),
                     )
+                    if trajectory is not None:
+                        row["points"] = trajectory.points
                     t0 = time.perf_counter()
                     row["summary"] = evaluate_task(
                         task, unlearned, fmt, corpus, args.eval_batch_size, args.max_new_tokens
