@@ -22,7 +22,14 @@ No pretrained model knows WMDP offline, so the benchmark first *teaches* one, th
      regurgitated), safe-response probability, general MCQ accuracy. A refusal-keyword harm rate would be 1.0
      everywhere (a model this small never refuses), so it is not reported.
 
+``--families`` replaces the fixed-rate table by method families of the TOFU frontier benchmark (the same names,
+settings and learning-rate grids, from ``benchmarks/tofu_methods.py``) over their grids and ``--seeds``, and adds
+the WMDP task's figure of merit as TOFU's frontier reads it: WMDP forget and general answer probability are scored at
+step 0 and after every epoch, and general answer probability is read at forget ``--frontier-at`` on the envelope of
+each family's checkpoints over all its rates (:mod:`frontier`'s rule; BENCHMARKS.md section 9).
+
     python benchmarks/bench_hazard.py                 # ~10 min on 2 idle cores (first run trains the model)
+    python benchmarks/bench_hazard.py --tasks wmdp --families "LoRA r=8 IHL,LoKU (FILA LoRA r=8 IHL)"
     python benchmarks/bench_hazard.py --smoke --out /tmp/x
 """
 
@@ -60,6 +67,9 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     set_threads,
     settings_key,
 )
+from frontier import summarise
+from tofu_eval import TrajectoryCallback
+from tofu_methods import OBJECTIVE_LABELS, frontier_methods, split_names
 
 import grin_peft  # noqa: F401,E402  (registers GRIN with PEFT)
 from grin_peft.data import QAFormat, load_pku, load_tofu, load_wmdp  # noqa: E402
@@ -270,11 +280,51 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
         Method(f"mask {budget} random NPO", "grin", "npo", args.lr_grin, grin={**grin, "score": "random"}),
         Method(f"GRIN {budget} NPO", "grin", "npo", args.lr_grin, grin=grin),
         Method(f"GRIN {budget} GradDiff", "grin", "grad_diff", args.lr_grin, grin=grin),
-        # LoKU and its parts (BENCHMARKS.md section 9): the inverted hinge loss, FILA-initialised LoRA
-        Method("LoKU (FILA LoRA r=8 IHL)", "fila", "ihl", args.lr_lora),
-        Method("LoRA r=8 IHL", "lora", "ihl", args.lr_lora),
-        Method(f"GRIN {budget} IHL", "grin", "ihl", args.lr_grin, grin=grin),
-    ]
+    ]  # LoKU and its parts (BENCHMARKS.md section 9) run as --families, over learning-rate grids
+
+
+def family_methods(args: argparse.Namespace) -> list[Method]:
+    """``--families``: those families of the TOFU frontier benchmark (:func:`tofu_methods.frontier_methods`, with its
+    names, GRIN settings and grids) once per ``--seeds`` entry, so LoKU and its parts run here as they do on TOFU."""
+    spec = argparse.Namespace(
+        seeds=args.seeds, objectives=list(OBJECTIVE_LABELS), fila=True, densities=args.densities, mask_scores=[],
+        grid_full=args.grid_full, grid_lora=args.grid_lora, grid_fila=args.grid_fila, grid_mask=args.grid_mask,
+        smoke=args.smoke,
+    )  # fmt: skip
+    wanted = split_names(args.families)
+    runs = [m for m in frontier_methods(spec) if m.group.lower() in wanted]
+    missing = set(wanted) - {m.group.lower() for m in runs}
+    if missing:
+        known = sorted({m.group for m in frontier_methods(spec)})
+        raise SystemExit(f"--families: no family {sorted(missing)}; families: {known}")
+    return [Method("before unlearning", "none"), *runs]
+
+
+def family_frontiers(results: Sequence[Mapping[str, Any]], x: float) -> list[dict[str, Any]]:
+    """Per family and seed of a ``--families`` run, on the WMDP task: the envelope of its checkpoints (WMDP forget
+    answer probability, general answer probability; each run's trajectory, else its end point) read at forget
+    ``x``, and its best checkpoint with forget <= ``x``."""
+    points: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in results:
+        config = row.get("config", {})
+        if row["task"] != "wmdp" or "summary" not in row or config.get("kind") == "none":
+            continue
+        s = row["summary"]
+        end = {"epoch": None, "forget": s["wmdp_forget_probability"], "retain": s["general_probability"]}
+        run = [{**point, "lr": config["lr"]} for point in row.get("points") or [end]]
+        points.setdefault((config["group"], config.get("seed")), []).extend(run)
+    rows = []
+    for (family, seed), pts in points.items():
+        summary = summarise(pts, x)
+        best = summary["best_point"]
+        if best is not None:
+            epoch = "end" if best["epoch"] is None else f"epoch {best['epoch']:g}"
+            best = f"{best['lr']:g}, {epoch}: {best['forget']:.3f} / {best['retain']:.3f}"
+        rows.append(
+            {"family": family, "seed": seed, "rates": len({p["lr"] for p in pts}), "retain_at": summary["retain_at"],
+             "min_forget": summary["min_forget"], "best": best}
+        )  # fmt: skip
+    return rows
 
 
 def write_outputs(report: dict[str, Any], out: Path, stem: str) -> None:
@@ -307,6 +357,23 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> None:
         ]
         if rows:
             lines += [f"## {title}", "", markdown_table(rows, TASK_COLUMNS[task]), ""]
+    if s.get("families"):
+        x = s["frontier_at"]
+        columns = (
+            ("family", "family", "g"),
+            ("seed", "seed", "g"),
+            ("rates", "rates", "g"),
+            ("retain_at", f"general prob at WMDP forget prob {x:g}", "g"),
+            ("best", f"best checkpoint with forget <= {x:g} (lr, epoch: forget / general)", "g"),
+            ("min_forget", "lowest forget prob", "g"),
+        )
+        rows = family_frontiers(report["results"], x)
+        lines += [
+            "## WMDP figure of merit (step 0 and every epoch of every rate)",
+            "",
+            markdown_table(rows, columns),
+            "",
+        ]
     failures = [r for r in report["results"] if r.get("error")]
     if failures:
         lines += ["## Failures", ""] + [f"- {r['task']} {r['method']}: {r['error']}" for r in failures] + [""]
@@ -332,12 +399,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--smoke", action="store_true")
+    f = p.add_argument_group("families of the TOFU frontier benchmark (--families; names and grids: tofu_methods.py)")
+    f.add_argument("--families", default=None, help="Comma-separated family names, e.g. 'GRIN 25%% IHL,LoRA r=8 NPO'.")
+    f.add_argument("--seeds", type=_ints, default=None, help="Unlearning seeds (default --seed; the model: --seed).")
+    f.add_argument("--densities", type=_floats, default=[0.01, 0.25], help="GRIN budgets of the families.")
+    f.add_argument("--frontier-at", type=float, default=0.2, help="WMDP forget answer probability of the merit.")
+    f.add_argument("--grid-full", type=_floats, default=[3e-5, 1e-4, 3e-4, 1e-3], help="Full-parameter rates.")
+    f.add_argument("--grid-lora", type=_floats, default=[3e-4, 1e-3, 3e-3, 1e-2], help="LoRA r=8 rates.")
+    # x0.3 .. x10 of section 5.7's rates; FILA and GRIN 25% half a decade lower: they forgot at the lowest of those
+    f.add_argument("--grid-fila", type=_floats, default=[1e-4, 3e-4, 1e-3, 3e-3], help="FILA LoRA r=8 rates.")
+    f.add_argument("--grid-mask", default="0.01=3e-3,1e-2,3e-2,0.1;0.25=1e-4,3e-4,1e-3,3e-3", help="GRIN rates.")
     args = p.parse_args(argv)
+    args.seeds = args.seeds or [args.seed]
     if args.smoke:
         args.epochs, args.batch_size, args.max_new_tokens = 1.0, 4, 16
-        if args.methods is None:
+        if args.methods is None and not args.families:
             args.methods = "before,full NPO,SSD,GRIN"
     return args
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -359,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         corpus["general_mcq"] = corpus["general_mcq"][:6]
         corpus["general"] = corpus["general"][:12]
-    methods = build_methods(args)
+    methods = family_methods(args) if args.families else build_methods(args)
     if args.methods:
         wanted = [w.strip().lower() for w in args.methods.split(",") if w.strip()]
         methods = [m for m in methods if any(w in m.name.lower() for w in wanted)]
@@ -385,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "lr_grin": args.lr_grin,
             "density": args.density,
             "max_new_tokens": args.max_new_tokens,
+            "families": split_names(args.families) if args.families else None,
+            "seeds": args.seeds,
+            "frontier_at": args.frontier_at,
             "sizes": {name: len(items) for name, items in corpus.items()},
         },
         "model": model_info,
@@ -400,6 +489,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for method in methods:
                 _log(f"[{time.perf_counter() - started:.0f} s] {task}: {method.name}")
                 row: dict[str, Any] = {"task": task, "method": method.name, "config": method.describe()}
+                trajectory = None  # the figure of merit's checkpoints (--families, WMDP)
+                if args.families and task == "wmdp" and method.kind != "none":
+                    trajectory = TrajectoryCallback(
+                        fmt, {"forget": forget, "retain": retain}, every=1.0, unit="epochs", target=args.frontier_at,
+                        batch_size=args.eval_batch_size, keep_state=False,
+                    )  # fmt: skip
                 try:
                     unlearned, cost = run_method(
                         method,
@@ -411,7 +506,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         ssd_data=forget + retain,
                         workdir=workdir,
                         log=_log,
+                        callbacks=[trajectory] if trajectory else (),
                     )
+                    if trajectory is not None:
+                        row["points"] = trajectory.points
                     t0 = time.perf_counter()
                     row["summary"] = evaluate_task(
                         task, unlearned, fmt, corpus, args.eval_batch_size, args.max_new_tokens

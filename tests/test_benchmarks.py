@@ -407,6 +407,62 @@ def test_hazard_smoke_run_writes_both_tasks(tmp_path):
     assert "WMDP" in (out / "hazard_smoke.md").read_text()
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "wmdp").is_dir(), reason="needs the WMDP/PKU files in ../shared/data")
+def test_hazard_families_run_the_tofu_frontier_families_over_their_grids_and_read_the_wmdp_merit(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--tasks", "wmdp"]
+    families = "LoKU (FILA LoRA r=8 IHL),GRIN 25% NPO"
+    bench_hazard.main([*argv, "--families", families, "--seeds", "1", "--grid-fila", "1e-3,1e-2"])
+    saved = json.loads((out / "hazard_smoke.json").read_text())
+    runs = [(r["method"], r["config"]["kind"], r["config"]["objective"]) for r in saved["results"]]
+    assert runs == [
+        ("before unlearning", "none", None),
+        ("LoKU (FILA LoRA r=8 IHL) lr=0.001 seed=1", "fila", "ihl"),
+        ("LoKU (FILA LoRA r=8 IHL) lr=0.01 seed=1", "fila", "ihl"),
+        ("GRIN 25% NPO lr=0.001 seed=1", "grin", "npo"),  # smoke: the two largest rates of 3e-4,1e-3,3e-3
+        ("GRIN 25% NPO lr=0.003 seed=1", "grin", "npo"),
+    ]
+    assert all("error" not in r for r in saved["results"])
+    assert saved["results"][3]["config"]["grin"] == {"score": "gradient_ratio", "density": 0.25, "seed": 1}
+    points = saved["results"][1]["points"]  # step 0 and the end of the one epoch, the end as evaluated after it
+    assert [p["step"] for p in points][0] == 0 and len(points) == 2
+    assert points[-1]["forget"] == pytest.approx(saved["results"][1]["summary"]["wmdp_forget_probability"])
+    assert "general prob at WMDP forget prob 0.2" in (out / "hazard_smoke.md").read_text()
+    with pytest.raises(SystemExit, match="no family"):
+        bench_hazard.main([*argv, "--families", "LoKU"])
+
+
+def test_hazard_merit_reads_each_family_and_seed_on_the_envelope_of_its_end_points():
+    def row(family, seed, lr, forget, general, task="wmdp"):
+        summary = {"wmdp_forget_probability": forget, "general_probability": general}
+        return {"task": task, "config": {"kind": "lora", "group": family, "seed": seed, "lr": lr}, "summary": summary}
+
+    results = [
+        {"task": "wmdp", "config": {"kind": "none"}, "summary": {}},  # before unlearning: not a run
+        row("A", 0, 1e-3, 0.6, 0.8),
+        row("A", 0, 3e-3, 0.1, 0.6),
+        row("A", 0, 1e-2, 0.05, 0.3),
+        row("A", 0, 3e-2, 0.5, 0.5, task="pku"),  # another task's row
+        row("A", 1, 1e-3, 0.3, 0.9),  # never reaches 0.2
+        {
+            **row("B", 0, 1e-3, 0.15, 0.2),
+            "points": [
+                {"epoch": 0, "forget": 0.8, "retain": 0.8},
+                {"epoch": 1, "forget": 0.1, "retain": 0.7},
+                {"epoch": 2, "forget": 0.15, "retain": 0.2},
+            ],
+        },
+    ]
+    merit = {(r["family"], r["seed"]): r for r in bench_hazard.family_frontiers(results, 0.2)}
+    assert merit["A", 0]["rates"] == 3
+    assert merit["A", 0]["retain_at"] == pytest.approx(0.6 + 0.2 * (0.1 / 0.5))  # between (0.1, 0.6) and (0.6, 0.8)
+    assert merit["A", 0]["best"] == "0.003, end: 0.100 / 0.600" and merit["A", 0]["min_forget"] == 0.05
+    assert merit["A", 1]["retain_at"] is None and merit["A", 1]["best"] is None
+    # a run's trajectory replaces its end point: the epoch-1 checkpoint (0.1, 0.7) makes the frontier
+    assert merit["B", 0]["rates"] == 1 and merit["B", 0]["best"] == "0.001, epoch 1: 0.100 / 0.700"
+    assert merit["B", 0]["retain_at"] == pytest.approx(0.7 + 0.1 * (0.1 / 0.7))
+
+
 # ------------------------------------------------------------------------------------------------ full-parameter
 
 
