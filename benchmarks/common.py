@@ -358,6 +358,9 @@ def run_method(
         trained: nn.Module = model
     elif method.kind in ("lora", "fila"):
         options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear", **method.lora}
+        # LoRA draws its A matrices from torch's global RNG before the trainer seeds it: seed here, or the start
+        # depends on whatever ran earlier in the process
+        torch.manual_seed(int(train.get("seed", 42)))
         trained = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
         if method.kind == "fila":  # LoKU's adapter: FILA moves base weights, so keep the original as reference
             info.update(fila_init(trained, method, forget, retain if localize_retain is None else localize_retain,

@@ -589,6 +589,22 @@ def test_frontier_variants_run_grin_as_published_and_re_localised_and_are_report
         bench_tofu.parse_args(["--frontier", "--mask-scores", "papers"])
 
 
+def test_a_lora_run_starts_from_the_same_adapter_whatever_ran_before_it(tiny, tmp_path):
+    """LoRA's A matrices come from torch's global RNG: the run's seed fixes them, not the process's history."""
+    base, fmt, forget, retain = tiny
+    make = lambda: copy.deepcopy(base)  # noqa: E731
+    method = common.Method("LoRA", "lora", "npo", 1e-3, lora={"r": 2, "lora_alpha": 4})
+    train = {"max_steps": 1, "per_device_train_batch_size": 4, "use_cpu": True, "num_threads": 1, "seed": 3}
+    runs = []
+    for history in (0, 1):
+        torch.manual_seed(100 + history)
+        torch.rand(history + 1)  # a different RNG state before each run
+        model, _ = common.run_method(method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "w"))
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert runs[0] and runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
 def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tiny, tmp_path):
     """FILA moves base weights; the saved checkpoint must still be an adapter for the untouched target."""
     import tofu_runs
