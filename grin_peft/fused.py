@@ -50,9 +50,10 @@ from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
 __all__ = ["DENSE_FRACTION", "GATHER_ENTRIES_PER_FEATURE", "KERNELS", "fused_sparse_linear", "pick_kernel"]
 
 KERNELS = ("gather", "csr", "dense")
-# gather up to K = (in + out) * this, SDDMM above: one layer, 512 tokens, the two kernels' values-gradient CPU time
-# crossed at K = 0.4-0.75 x (in + out) on 768-2816 wide layers; gather slows down steeply past ~1.5 x (in + out)
-GATHER_ENTRIES_PER_FEATURE = 0.5
+# gather up to K = (in + out) * this, SDDMM above: whole layer forward+backward, 512 tokens, six 768-2816 wide shapes
+# (benchmarks/results/fused_threshold.md): gather 0-7% faster up to 0.56, a tie (0.96-1.01) at 0.75-0.77, csr 1-10%
+# faster from 1.0 up
+GATHER_ENTRIES_PER_FEATURE = 0.75
 # the dense weight gradient (one GEMM, independent of K) beats the SDDMM above ~25-30% of the weight's entries
 DENSE_FRACTION = 0.25
 
