@@ -6,16 +6,20 @@ gradient) plus a separate ``result + delta`` pass and transposed copies of the a
 **written into the frozen weight for the duration of each matmul**: the K entries the delta touches are saved,
 overwritten with exactly what :meth:`GrinLayer.merge` writes (``(w + value)`` in at least float32, rounded once to
 the weight's dtype), the frozen layer's own GEMM runs (``F.linear`` forward, ``grad_y @ W`` backward), and the saved
-entries are copied back, bit for bit, in a ``finally``. Forward and ``grad_x`` then cost exactly the frozen layer's
-GEMMs plus 2K element copies; only the values' gradient needs sparse work, ``grad_D[r, c] = sum_n grad_y[n, r]
-x[n, c]`` at the K entries, with a kernel picked by entry count (measured, ``benchmarks/bench_sparse_op.py``):
+entries are copied back, bit for bit, in a ``finally``. Forward and ``grad_x`` then cost the frozen layer's GEMMs
+plus a read and two writes of K scattered weight entries; only the values' gradient needs sparse work,
+``grad_D[r, c] = sum_n grad_y[n, r] x[n, c]`` at the K entries, with a kernel picked by entry count (measured,
+``benchmarks/bench_sparse_op.py``, BENCHMARKS.md §3):
 
 * ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out)): forward keeps the K gathered input columns, backward
   gathers the K columns of ``grad_y`` and takes one dot product per entry; no transposes;
 * ``csr`` (up to ``DENSE_FRACTION`` of the weight): forward keeps the transposed input (float32/float64; 16-bit
   inputs keep x, the transposed float32 copy would be twice its size), backward transposes ``grad_y`` and runs MKL's
   SDDMM (``sampled_addmm``) on the delta's CSR pattern;
-* ``dense`` (above): the dense weight gradient ``grad_y^T x`` (one GEMM), gathered at the entries.
+* ``dense`` (above): the dense weight gradient ``grad_y^T x`` (one GEMM), gathered at the entries. At those
+  densities the dense regime's merged copy of the weight (:mod:`grin_peft.dense`) was 4-11% faster per layer
+  (writing 25-50% of the entries in and out twice per step costs more than one sequential copy), but it keeps a
+  copy of every layer's weight until backward; this path keeps none.
 
 Numerics: the output and ``grad_x`` are the merged model's, bit for bit (the same as
 :func:`grin_peft.dense.merged_linear`); the ``dense`` kernel's values gradient is ``merged_linear``'s too, ``gather``
@@ -29,9 +33,9 @@ entries as the originals. Anything else that reads the weight *during* that wind
 process sharing the weight's memory (:class:`grin_peft.layer.GrinLayer` keeps shared-memory weights on the
 reference path) or a thread reading it outside a GRIN layer. Tied and shared weights, gradient checkpointing
 (forward recomputed in backward) and exceptions inside the matmul all leave the weight as it was
-(``tests/test_fused.py``). Used by :class:`grin_peft.layer.GrinLayer` for a plain ``nn.Linear`` with frozen weight
-and bias, one active adapter, no autocast, on the CPU; everything else (CUDA, Conv1D, quantized or hooked bases,
-several adapters) keeps the reference path.
+(``tests/test_fused_weight.py``). Used by :class:`grin_peft.layer.GrinLayer` for a plain ``nn.Linear`` with frozen
+weight and bias, one active adapter, no autocast, on the CPU, at every density; everything else (CUDA, Conv1D,
+quantized or hooked bases, several adapters) keeps the reference path.
 """
 
 from __future__ import annotations
