@@ -11,8 +11,8 @@ plus a read and two writes of K scattered weight entries; only the values' gradi
 ``grad_D[r, c] = sum_n grad_y[n, r] x[n, c]`` at the K entries, with a kernel picked by entry count (measured,
 ``benchmarks/bench_sparse_op.py``, BENCHMARKS.md §3):
 
-* ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out)): forward keeps the K gathered input columns, backward
-  gathers the K columns of ``grad_y`` and takes one dot product per entry; no transposes;
+* ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out), a lower limit for 16-bit inputs): forward keeps the
+  K gathered input columns, backward gathers the K columns of ``grad_y`` and takes one dot product per entry;
 * ``csr`` (up to ``DENSE_FRACTION`` of the weight): forward keeps the transposed input (float32/float64; 16-bit
   inputs keep x, the transposed float32 copy would be twice its size), backward transposes ``grad_y`` and runs MKL's
   SDDMM (``sampled_addmm``) on the delta's CSR pattern;
@@ -51,14 +51,25 @@ from torch.autograd.function import once_differentiable
 from .errors import GrinError
 from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
 
-__all__ = ["DENSE_FRACTION", "GATHER_ENTRIES_PER_FEATURE", "KERNELS", "fused_sparse_linear", "pick_kernel"]
+__all__ = [
+    "DENSE_FRACTION",
+    "GATHER_ENTRIES_PER_FEATURE",
+    "GATHER_ENTRIES_PER_FEATURE_16BIT",
+    "KERNELS",
+    "fused_sparse_linear",
+    "pick_kernel",
+]
 
 KERNELS = ("gather", "csr", "dense")
 # gather up to K = (in + out) * this, SDDMM above: whole layer forward+backward, 512 tokens, six 768-2816 wide shapes
 # (benchmarks/results/fused_threshold.md): gather 0-7% faster up to 0.56, a tie (0.96-1.01) at 0.75-0.77, csr 1-10%
 # faster from 1.0 up
 GATHER_ENTRIES_PER_FEATURE = 0.75
-# the dense weight gradient (one GEMM, independent of K) beats the SDDMM above ~25-30% of the weight's entries
+# 16-bit inputs: the gathered columns are converted to float32 for the dot products; bf16 crossover at ~0.2 on three
+# 768/2112-wide shapes (gather 0.83-0.93x csr up to 0.11, 0.97-1.04x at 0.15-0.23, 1.10-1.20x from 0.38; BENCHMARKS §3)
+GATHER_ENTRIES_PER_FEATURE_16BIT = 0.2
+# the dense weight gradient (one GEMM, independent of K) beats the SDDMM from ~25% of the entries (paired 0.97 and
+# 1.06 at 25%, 0.83 and 0.84 at 50% on 768x2112 and 2816x1024; BENCHMARKS §3)
 DENSE_FRACTION = 0.25
 
 # one written-in window at a time in the process: two threads writing into one weight would each save the other's
@@ -66,9 +77,13 @@ DENSE_FRACTION = 0.25
 _WRITE_LOCK = threading.Lock()
 
 
-def pick_kernel(pattern: SparsePattern) -> str:
-    """The values-gradient kernel for a delta of this many entries on this layer (see the module docstring)."""
-    if pattern.nnz <= GATHER_ENTRIES_PER_FEATURE * (pattern.in_features + pattern.out_features):
+def pick_kernel(pattern: SparsePattern, dtype: torch.dtype = torch.float32) -> str:
+    """The values-gradient kernel for a delta of this many entries on this layer, for inputs of ``dtype`` (see the
+    module docstring)."""
+    per_feature = (
+        GATHER_ENTRIES_PER_FEATURE if dtype in (torch.float32, torch.float64) else GATHER_ENTRIES_PER_FEATURE_16BIT
+    )
+    if pattern.nnz <= per_feature * (pattern.in_features + pattern.out_features):
         return "gather"
     if pattern.nnz > DENSE_FRACTION * pattern.in_features * pattern.out_features:
         return "dense"
@@ -192,4 +207,4 @@ def fused_sparse_linear(
             f"fused_sparse_linear: x [..., {pattern.in_features}] and {pattern.nnz} values expected, got "
             f"{tuple(x.shape)} and {tuple(values.shape)}."
         )
-    return _FusedSparseLinear.apply(x, values, weight, bias, pattern, kernel or pick_kernel(pattern))
+    return _FusedSparseLinear.apply(x, values, weight, bias, pattern, kernel or pick_kernel(pattern, x.dtype))

@@ -142,6 +142,10 @@ def test_kernel_choice_follows_the_entry_count():
     assert kernel_for(1) == kernel_for(gather_limit) == "gather"
     assert kernel_for(gather_limit + 1) == kernel_for(dense_limit) == "csr"
     assert kernel_for(dense_limit + 1) == kernel_for(100 * 100) == "dense"
+    half_limit = int(fused_module.GATHER_ENTRIES_PER_FEATURE_16BIT * 200)  # 16-bit inputs: gather only for fewer
+    for dtype in (torch.bfloat16, torch.float16):
+        assert pick_kernel(SparsePattern.from_flat_indices(torch.arange(half_limit), 100, 100), dtype) == "gather"
+        assert pick_kernel(SparsePattern.from_flat_indices(torch.arange(half_limit + 1), 100, 100), dtype) == "csr"
 
 
 # ----------------------------------------------------------------------------------------- what is computed, kept
