@@ -13,9 +13,9 @@ plus a read and two writes of K scattered weight entries; only the values' gradi
 
 * ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out), a lower limit for 16-bit inputs): forward keeps the
   K gathered input columns, backward gathers the K columns of ``grad_y`` and takes one dot product per entry;
-* ``csr`` (up to ``DENSE_FRACTION`` of the weight): forward keeps the transposed input (float32/float64; 16-bit
-  inputs keep x, the transposed float32 copy would be twice its size), backward transposes ``grad_y`` and runs MKL's
-  SDDMM (``sampled_addmm``) on the delta's CSR pattern;
+* ``csr`` (up to ``DENSE_FRACTION`` of the weight, less for 16-bit inputs): forward keeps the transposed input
+  (float32/float64; 16-bit inputs keep x, the transposed float32 copy would be twice its size), backward transposes
+  ``grad_y`` and runs MKL's SDDMM (``sampled_addmm``) on the delta's CSR pattern;
 * ``dense`` (above): the dense weight gradient ``grad_y^T x`` (one GEMM), gathered at the entries. At those
   densities the dense regime's merged copy of the weight (:mod:`grin_peft.dense`) was 4-11% faster per layer
   (writing 25-50% of the entries in and out twice per step costs more than one sequential copy), but it keeps a
@@ -53,6 +53,7 @@ from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
 
 __all__ = [
     "DENSE_FRACTION",
+    "DENSE_FRACTION_16BIT",
     "GATHER_ENTRIES_PER_FEATURE",
     "GATHER_ENTRIES_PER_FEATURE_16BIT",
     "KERNELS",
@@ -71,6 +72,9 @@ GATHER_ENTRIES_PER_FEATURE_16BIT = 0.2
 # the dense weight gradient (one GEMM, independent of K) beats the SDDMM from ~25% of the entries (paired 0.97 and
 # 1.06 at 25%, 0.83 and 0.84 at 50% on 768x2112 and 2816x1024; BENCHMARKS §3)
 DENSE_FRACTION = 0.25
+# 16-bit inputs: the bf16 GEMM is cheap and the SDDMM runs on float32 copies; crossover at ~4% (paired 1.09-1.12 at 2%,
+# 0.95-0.99 at 5%, 0.79-0.80 at 10% on 768x2112 and 2112x768; BENCHMARKS §3)
+DENSE_FRACTION_16BIT = 0.04
 
 # one written-in window at a time in the process: two threads writing into one weight would each save the other's
 # delta as the original
@@ -80,12 +84,11 @@ _WRITE_LOCK = threading.Lock()
 def pick_kernel(pattern: SparsePattern, dtype: torch.dtype = torch.float32) -> str:
     """The values-gradient kernel for a delta of this many entries on this layer, for inputs of ``dtype`` (see the
     module docstring)."""
-    per_feature = (
-        GATHER_ENTRIES_PER_FEATURE if dtype in (torch.float32, torch.float64) else GATHER_ENTRIES_PER_FEATURE_16BIT
-    )
+    wide = dtype in (torch.float32, torch.float64)
+    per_feature = GATHER_ENTRIES_PER_FEATURE if wide else GATHER_ENTRIES_PER_FEATURE_16BIT
     if pattern.nnz <= per_feature * (pattern.in_features + pattern.out_features):
         return "gather"
-    if pattern.nnz > DENSE_FRACTION * pattern.in_features * pattern.out_features:
+    if pattern.nnz > (DENSE_FRACTION if wide else DENSE_FRACTION_16BIT) * pattern.in_features * pattern.out_features:
         return "dense"
     return "csr"
 

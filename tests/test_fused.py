@@ -142,10 +142,13 @@ def test_kernel_choice_follows_the_entry_count():
     assert kernel_for(1) == kernel_for(gather_limit) == "gather"
     assert kernel_for(gather_limit + 1) == kernel_for(dense_limit) == "csr"
     assert kernel_for(dense_limit + 1) == kernel_for(100 * 100) == "dense"
-    half_limit = int(fused_module.GATHER_ENTRIES_PER_FEATURE_16BIT * 200)  # 16-bit inputs: gather only for fewer
+    # 16-bit inputs: lower limits for both (gather and SDDMM work in float32 copies, the bf16 GEMM is cheap)
+    half_gather = int(fused_module.GATHER_ENTRIES_PER_FEATURE_16BIT * 200)
+    half_dense = int(fused_module.DENSE_FRACTION_16BIT * 100 * 100)
     for dtype in (torch.bfloat16, torch.float16):
-        assert pick_kernel(SparsePattern.from_flat_indices(torch.arange(half_limit), 100, 100), dtype) == "gather"
-        assert pick_kernel(SparsePattern.from_flat_indices(torch.arange(half_limit + 1), 100, 100), dtype) == "csr"
+        counts = (half_gather, half_gather + 1, half_dense, half_dense + 1)
+        kinds = [pick_kernel(SparsePattern.from_flat_indices(torch.arange(n), 100, 100), dtype) for n in counts]
+        assert kinds == ["gather", "csr", "csr", "dense"]
 
 
 # ----------------------------------------------------------------------------------------- what is computed, kept
