@@ -11,8 +11,9 @@ of a [tokens, in] batch through:
 * dense:   GRIN's dense regime (``grin_peft.dense.merged_linear``, what a layer above ``dense_threshold`` runs): the
            values merged into a float copy of the weight, one linear, gradients wrt x and values;
 * delta:   the frozen layer plus a separate dense delta matmul, ``base(x) + x @ D^T`` with D scattered from the values;
-* fused:   what a GRIN layer runs on the CPU (``grin_peft.fused``): base and delta in one autograd node, the kernel
-           chosen by entry count; ``fused-gather`` / ``fused-csr`` force one kernel (the crossover measurement).
+* fused:   what a GRIN layer runs on the CPU (``grin_peft.fused``): the delta written into the frozen weight for the
+           layer's own matmuls, the values' gradient by a kernel chosen by entry count; ``fused-gather`` /
+           ``fused-csr`` / ``fused-dense`` force one kernel (the crossover measurements).
 
 All methods are timed interleaved: every round runs each method once, in a fresh seeded random order, so that load
 from other processes hits them alike. The table reports the median (or min, or both) over rounds and each method's
@@ -41,7 +42,7 @@ from grin_peft.dense import merged_linear
 from grin_peft.fused import fused_sparse_linear
 from grin_peft.sparse import SparsePattern, sparse_delta_linear
 
-METHODS = ("GRIN", "LoRA", "scatter", "dense", "delta", "fused", "fused-gather", "fused-csr")
+METHODS = ("GRIN", "LoRA", "scatter", "dense", "delta", "fused", "fused-gather", "fused-csr", "fused-dense")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -107,7 +108,7 @@ def make_steps(
         return step
 
     steps = {"GRIN": grin, "LoRA": lora, "scatter": scatter, "dense": dense, "delta": delta}
-    steps.update({"fused": fused(None), "fused-gather": fused("gather"), "fused-csr": fused("csr")})
+    steps.update({"fused": fused(None), **{f"fused-{kernel}": fused(kernel) for kernel in ("gather", "csr", "dense")}})
     labels = {"LoRA": f"LoRA r={rank}"}
     return {"base": base, **{labels.get(name, name): steps[name] for name in methods}}, nnz
 

@@ -4,7 +4,9 @@ Part 1, step time: one GRIN training step (density 0.1%, forward + backward + Ad
 growing hidden size, with 1 thread and with ``--threads`` threads, interleaved (each round runs both, in a seeded
 random order), median over rounds; the ratio says which thread count the rule should pick at that size.
 Part 2, end to end: `unlearn()` on the demo's memorised tiny model (fixed schedule) under the rule (1 thread) and
-forced to ``--threads``, alternating, with a check that both deltas are identical.
+forced to ``--threads``, alternating; wall and process CPU time per run, and a check that both deltas (indices,
+values and base values of every layer, as saved) are byte-identical. Run it without ``OMP_NUM_THREADS`` in the
+environment, or the rule leaves torch's setting alone.
 
     python benchmarks/bench_threads.py                 # ~5-10 min on 2 busy cores
     python benchmarks/bench_threads.py --sizes 64x2 --rounds 2 --unlearn-runs 1   # quick check
@@ -65,13 +67,13 @@ def unlearn_times(threads: int, runs: int) -> dict[str, object]:
 
     memorised = load_or_train_memorised_model(progress=False)
     data = memorised.dataset
-    out: dict[str, list] = {"rule": [], "forced": []}
+    out: dict[str, list] = {"rule": [], "forced": [], "rule_cpu": [], "forced_cpu": []}
     deltas = {}
     for _ in range(runs):
         for mode in ("rule", "forced"):
             model = copy.deepcopy(memorised.model)
             kw = {"num_threads": threads} if mode == "forced" else {}
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             result = unlearn(
                 model,
                 data.forget,
@@ -85,12 +87,22 @@ def unlearn_times(threads: int, runs: int) -> dict[str, object]:
                 **kw,
             )
             out[mode].append(time.perf_counter() - start)
-            deltas[mode] = {n: p.detach().clone() for n, p in result.peft_model.named_parameters() if p.requires_grad}
+            out[f"{mode}_cpu"].append(time.process_time() - cpu)
+            state = result.peft_model.state_dict()
+            deltas[mode] = {n: t.contiguous().view(torch.uint8).clone() for n, t in state.items() if "grin_" in n}
     identical = deltas["rule"].keys() == deltas["forced"].keys() and all(
         torch.equal(deltas["rule"][n], deltas["forced"][n]) for n in deltas["rule"]
     )
     params = sum(p.numel() for p in memorised.model.parameters())
-    return {"params": params, "rule_s": out["rule"], "forced_s": out["forced"], "identical": identical}
+    return {
+        "params": params,
+        "rule_s": out["rule"],
+        "forced_s": out["forced"],
+        "rule_cpu_s": out["rule_cpu"],
+        "forced_cpu_s": out["forced_cpu"],
+        "identical": identical,
+        "delta_bytes": sum(t.numel() for t in deltas["rule"].values()),
+    }
 
 
 def main() -> None:
@@ -116,10 +128,15 @@ def main() -> None:
         )
     if args.unlearn_runs:
         r = unlearn_times(args.threads, args.unlearn_runs)
+
+        def runs(key: str) -> str:
+            return ", ".join(f"{t:.1f}" for t in r[key])
+
         print(
             f"\nunlearn() on the demo's memorised model ({r['params'] / 1e6:.2f}M parameters, fixed schedule): "
-            f"rule (1 thread) {', '.join(f'{t:.1f}' for t in r['rule_s'])} s; forced to {args.threads} threads "
-            f"{', '.join(f'{t:.1f}' for t in r['forced_s'])} s; deltas identical: {r['identical']}; load "
+            f"rule (1 thread) {runs('rule_s')} s wall, {runs('rule_cpu_s')} s CPU; forced to {args.threads} threads "
+            f"{runs('forced_s')} s wall, {runs('forced_cpu_s')} s CPU; deltas ({r['delta_bytes']:,} bytes) "
+            f"byte-identical: {r['identical']}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load "
             f"{os.getloadavg()[0]:.1f}"
         )
 

@@ -281,7 +281,9 @@ class GrinConfig(PeftConfig):
                 "CPU: equal cost at 5%, dense 1.2x / 2x / 3.3x faster at 10% / 25% / 50%. In bfloat16 on CPU dense "
                 "won at every density from 0.1% (benchmarks/results/density_regime.md). The dense regime keeps one "
                 "out x in copy of the weight per layer until backward; quantized (bitsandbytes) base layers and "
-                "base layers with hooks always stay sparse."
+                "base layers with hooks always stay sparse. Not used on the CPU fast path (a frozen nn.Linear with "
+                "one active adapter, grin_peft.fused): there every density gets the merged layer's output without "
+                "a copy, the delta written into the weight for each matmul."
             )
         },
     )

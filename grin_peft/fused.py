@@ -1,27 +1,48 @@
-"""A frozen linear layer and its sparse GRIN delta in one autograd node: ``y = x W^T + b + x D^T`` on the CPU.
+"""A frozen linear layer and its sparse GRIN delta in one autograd node: ``y = x (W + D)^T + b`` on the CPU.
 
-The reference path (:func:`grin_peft.sparse.sparse_delta_linear` next to the base layer) is exact but pays fixed
-costs that dwarf the sparse work at low density: a separate ``result + delta`` pass, a second ``grad_x`` that autograd
-then adds to the base layer's, and transposed copies of the activations in forward *and* again in backward. With a
-frozen base weight one custom function can do the whole layer:
+The reference path (:func:`grin_peft.sparse.sparse_delta_linear` next to the base layer) pays three sparse passes
+over the activations per layer and step (``x D^T`` forward, ``grad_y D`` backward, the SDDMM for the values'
+gradient) plus a separate ``result + delta`` pass and transposed copies of the activations. Here the delta is
+**written into the frozen weight for the duration of each matmul**: the K entries the delta touches are saved,
+overwritten with exactly what :meth:`GrinLayer.merge` writes (``(w + value)`` in at least float32, rounded once to
+the weight's dtype), the frozen layer's own GEMM runs (``F.linear`` forward, ``grad_y @ W`` backward), and the saved
+entries are copied back, bit for bit, in a ``finally``. Forward and ``grad_x`` then cost the frozen layer's GEMMs
+plus a read and two writes of K scattered weight entries; only the values' gradient needs sparse work,
+``grad_D[r, c] = sum_n grad_y[n, r] x[n, c]`` at the K entries, with a kernel picked by entry count (measured,
+``benchmarks/bench_sparse_op.py``, BENCHMARKS.md §3):
 
-* the base part is the frozen layer's own work, unchanged (``F.linear`` forward, ``grad_y @ W`` backward; no weight
-  gradient, and ``x`` itself is not kept);
-* the delta is added in place into the base output in forward and into ``grad_x`` in backward;
-* the kernel is picked by entry count. Few entries (``gather``): ``index_select`` / ``index_add_`` on the token-major
-  activations, ~tokens x K work and no transposes; forward keeps only the K gathered input columns. More entries
-  (``csr``): MKL's CSR kernels on token-contiguous operands, as in :mod:`grin_peft.sparse`, but the transposed input
-  made in forward is kept for the backward's SDDMM instead of being made again (float32/float64 inputs, where it
-  costs the memory the reference spends on keeping x).
+* ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out), a lower limit for 16-bit inputs): forward keeps the
+  K gathered input columns, backward gathers the K columns of ``grad_y`` and takes one dot product per entry;
+* ``csr`` (up to ``DENSE_FRACTION`` of the weight, less for 16-bit inputs): forward keeps the transposed input
+  (float32/float64; 16-bit inputs keep x, the transposed float32 copy would be twice its size), backward transposes
+  ``grad_y`` and runs MKL's SDDMM (``sampled_addmm``) on the delta's CSR pattern;
+* ``dense`` (above): the dense weight gradient ``grad_y^T x`` (one GEMM), gathered at the entries. At those
+  densities the dense regime's merged copy of the weight (:mod:`grin_peft.dense`) was 4-11% faster per layer
+  (writing 25-50% of the entries in and out twice per step costs more than one sequential copy), but it keeps a
+  copy of every layer's weight until backward; this path keeps none.
 
-Numerics: the ``csr`` kernel adds exactly what the reference adds (the same kernels, and a + b = b + a), so it agrees
-with the reference bit for bit; ``gather`` sums the same products in another order (float rounding only). Used by
-:class:`grin_peft.layer.GrinLayer` for a plain ``nn.Linear`` with frozen weight and bias, one active sparse adapter,
-no autocast, on the CPU; everything else (CUDA, Conv1D, quantized or hooked bases, several adapters) keeps the
-reference path.
+Numerics: the output and ``grad_x`` are the merged model's, bit for bit (the same as
+:func:`grin_peft.dense.merged_linear`); the ``dense`` kernel's values gradient is ``merged_linear``'s too, ``gather``
+and ``csr`` sum the same products in other orders (float rounding). Against the reference path (base output plus a
+separately computed delta) the output differs by rounding: in float32 a few ulps, in 16-bit weights by the merge's
+rounding of ``w + value`` to the weight's dtype, which is what a merged, deployed model computes.
+
+The weight is written through ``weight.data`` (outside autograd's version counting; the restore is exact), one
+layer at a time under a process-wide lock, so two threads running the same model cannot save each other's written
+entries as the originals. Anything else that reads the weight *during* that window sees the delta in it: another
+process sharing the weight's memory (:class:`grin_peft.layer.GrinLayer` keeps shared-memory weights on the
+reference path) or a thread reading it outside a GRIN layer. Tied and shared weights, gradient checkpointing
+(forward recomputed in backward) and exceptions inside the matmul all leave the weight as it was
+(``tests/test_fused_weight.py``). Used by :class:`grin_peft.layer.GrinLayer` for a plain ``nn.Linear`` with frozen
+weight and bias, one active adapter, no autocast, on the CPU, at every density; everything else (CUDA, Conv1D,
+quantized or hooked bases, several adapters) keeps the reference path.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +51,61 @@ from torch.autograd.function import once_differentiable
 from .errors import GrinError
 from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
 
-__all__ = ["GATHER_ENTRIES_PER_FEATURE", "KERNELS", "fused_sparse_linear", "use_gather"]
+__all__ = [
+    "DENSE_FRACTION",
+    "DENSE_FRACTION_16BIT",
+    "GATHER_ENTRIES_PER_FEATURE",
+    "GATHER_ENTRIES_PER_FEATURE_16BIT",
+    "KERNELS",
+    "fused_sparse_linear",
+    "pick_kernel",
+]
 
-# gather up to K = (in + out) * this: below, its tokens x K gathers cost less than the ~4 transposed token-major
-# passes the CSR kernels need. Set from single-layer trials on 768/2112-wide layers, 512 tokens; in whole steps
-# (BENCHMARKS.md §2.1) 0.1% density on 1024-wide layers (K = 0.51 x (in + out)) was no faster than the reference
-# path, so it may be high for wider layers
+KERNELS = ("gather", "csr", "dense")
+# gather up to K = (in + out) * this, SDDMM above: whole layer forward+backward, 512 tokens, six 768-2816 wide shapes
+# (benchmarks/results/fused_threshold.md): gather 0-7% faster up to 0.56, a tie (0.96-1.01) at 0.75-0.77, csr 1-10%
+# faster from 1.0 up
 GATHER_ENTRIES_PER_FEATURE = 0.75
+# 16-bit inputs: the gathered columns are converted to float32 for the dot products; bf16 crossover at ~0.2 on three
+# 768/2112-wide shapes (gather 0.83-0.93x csr up to 0.11, 0.97-1.04x at 0.15-0.23, 1.10-1.20x from 0.38; BENCHMARKS §3)
+GATHER_ENTRIES_PER_FEATURE_16BIT = 0.2
+# the dense weight gradient (one GEMM, independent of K) beats the SDDMM from ~25% of the entries (paired 0.97 and
+# 1.06 at 25%, 0.83 and 0.84 at 50% on 768x2112 and 2816x1024; BENCHMARKS §3)
+DENSE_FRACTION = 0.25
+# 16-bit inputs: the bf16 GEMM is cheap and the SDDMM runs on float32 copies; crossover at ~4% (paired 1.09-1.12 at 2%,
+# 0.95-0.99 at 5%, 0.79-0.80 at 10% on 768x2112 and 2112x768; BENCHMARKS §3)
+DENSE_FRACTION_16BIT = 0.04
+
+# one written-in window at a time in the process: two threads writing into one weight would each save the other's
+# delta as the original
+_WRITE_LOCK = threading.Lock()
 
 
-def use_gather(pattern: SparsePattern, dtype: torch.dtype) -> bool:
-    """Whether the gather kernel serves this delta: few entries, and an input dtype it can add in directly."""
-    small = pattern.nnz <= GATHER_ENTRIES_PER_FEATURE * (pattern.in_features + pattern.out_features)
-    return small and dtype in (torch.float32, torch.float64)
+def pick_kernel(pattern: SparsePattern, dtype: torch.dtype = torch.float32) -> str:
+    """The values-gradient kernel for a delta of this many entries on this layer, for inputs of ``dtype`` (see the
+    module docstring)."""
+    wide = dtype in (torch.float32, torch.float64)
+    per_feature = GATHER_ENTRIES_PER_FEATURE if wide else GATHER_ENTRIES_PER_FEATURE_16BIT
+    if pattern.nnz <= per_feature * (pattern.in_features + pattern.out_features):
+        return "gather"
+    if pattern.nnz > (DENSE_FRACTION if wide else DENSE_FRACTION_16BIT) * pattern.in_features * pattern.out_features:
+        return "dense"
+    return "csr"
+
+
+@contextlib.contextmanager
+def _written_in(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The frozen weight with the delta merged in, for the duration of the block; restored bit for bit after it,
+    also when the block raises."""
+    flat = weight.data.view(-1)
+    compute = torch.promote_types(flat.dtype, torch.float32)
+    with _WRITE_LOCK:
+        original = flat.index_select(0, indices)
+        try:
+            flat.index_copy_(0, indices, (original.to(compute) + values.to(compute)).to(flat.dtype))
+            yield weight.data
+        finally:
+            flat.index_copy_(0, indices, original)
 
 
 def _transposed(x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -55,101 +118,69 @@ def _transposed(x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _add_transposed(dst: torch.Tensor, src_t: torch.Tensor) -> None:
-    """dst [tokens, features] += src_t^T, rounded to dst's dtype first (as the reference's separate delta is).
-
-    A same-dtype transposing copy has torch's fast blocked kernel; adding a transposed view directly does not.
-    """
-    staged = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
-    if src_t.dtype != dst.dtype:
-        src_t = src_t.to(dst.dtype)
-    staged.copy_(src_t.t())
-    dst.add_(staged)
-
-
 class _FusedSparseLinear(torch.autograd.Function):
-    """x [..., in] -> F.linear(x, weight, bias) + x @ D^T; gradients for x and values (weight and bias frozen)."""
+    """x [..., in] -> F.linear(x, W + D, bias); gradients for x and values (weight and bias frozen)."""
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, pattern: SparsePattern, gather: bool):
-        need_x_grad, need_values_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.pattern, ctx.gather, ctx.x_dtype, ctx.values_dtype = pattern, gather, x.dtype, values.dtype
-        y = F.linear(x, weight, bias)
-        y2d, x2d = y.view(-1, pattern.out_features), x.reshape(-1, pattern.in_features)
+    def forward(ctx, x, values, weight, bias, pattern: SparsePattern, kernel: str):
+        need_values_grad = ctx.needs_input_grad[1]
+        with _written_in(weight, pattern.indices, values) as merged:
+            y = F.linear(x, merged, bias)
+        # the weight itself, not a saved tensor: saved-tensor hooks (offloading, checkpointing) must not copy it
+        ctx.weight, ctx.pattern, ctx.kernel = weight, pattern, kernel
+        ctx.x_shape, ctx.values_dtype = x.shape, values.dtype
         saved = None
-        if gather:
-            ctx.rows, ctx.cols = _rows_cols(pattern)
-        if x2d.shape[0] > 0:
-            if gather:
-                taken = x2d.index_select(1, ctx.cols)  # [tokens, K], storage order
-                y2d.index_add_(1, ctx.rows, taken * values.to(x.dtype))
+        if need_values_grad:
+            x2d = x.reshape(-1, pattern.in_features)
+            if kernel == "gather":
+                ctx.rows, ctx.cols = _rows_cols(pattern)
                 # keep whichever is smaller: never more activation memory than the reference path (which keeps x)
                 ctx.kept_taken = pattern.nnz <= pattern.in_features
-                saved = taken if ctx.kept_taken else x2d
-            else:
+                saved = x2d.index_select(1, ctx.cols) if ctx.kept_taken else x2d
+            elif kernel == "csr":
                 cdt = _compute_dtype(x.dtype)
-                d_values = values.to(cdt)
-                if pattern.d_perm is not None:
-                    d_values = d_values[pattern.d_perm]
-                d = _csr(pattern.d_crow, pattern.d_col, d_values, (pattern.out_features, pattern.in_features))
-                x_t = _transposed(x2d, cdt)
-                _add_transposed(y2d, torch.mm(d, x_t))
-                # the transposed input serves the backward's SDDMM when it costs no more memory than x (float32/64)
                 ctx.kept_transposed = x.dtype == cdt
-                saved = x_t if ctx.kept_transposed else x2d
-        ctx.save_for_backward(
-            saved if need_values_grad else None, values if need_x_grad else None, weight if need_x_grad else None
-        )
-        ctx.x_shape = x.shape
+                saved = _transposed(x2d, cdt) if ctx.kept_transposed else x2d
+            else:
+                saved = x2d
+        ctx.save_for_backward(saved, values)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        saved, values, weight = ctx.saved_tensors
+        saved, values = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
         need_x_grad, need_values_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gy = grad_y.reshape(-1, pattern.out_features)
         grad_x = grad_values = None
         if need_x_grad:
-            grad_x = torch.mm(gy, weight)
-        n_tokens = gy.shape[0]
-        if ctx.gather:
-            if n_tokens == 0:
-                grad_values = torch.zeros(pattern.nnz, dtype=ctx.values_dtype, device=gy.device)
-            else:
-                picked = gy.index_select(1, ctx.rows)  # [tokens, K]
-                if need_x_grad:
-                    grad_x.index_add_(1, ctx.cols, picked * values.to(gy.dtype))
-                if need_values_grad:
-                    taken = saved if ctx.kept_taken else saved.index_select(1, ctx.cols)
-                    grad_values = (picked * taken).sum(0)
-        else:
-            cdt = _compute_dtype(gy.dtype)
-            if n_tokens == 0:
-                grad_values = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
-            else:
-                gy_t = _transposed(gy, cdt)
-                if need_x_grad:
-                    t_values = values.to(cdt)
-                    if pattern.t_perm is not None:
-                        t_values = t_values[pattern.t_perm]
-                    d_t = _csr(pattern.t_crow, pattern.t_col, t_values, (pattern.in_features, pattern.out_features))
-                    _add_transposed(grad_x, torch.mm(d_t, gy_t))
-                if need_values_grad:
-                    acc = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
-                    sampled = _csr(pattern.d_crow, pattern.d_col, acc, (pattern.out_features, pattern.in_features))
-                    x_t = saved if ctx.kept_transposed else _transposed(saved, cdt)
-                    torch.sparse.sampled_addmm(sampled, gy_t, x_t.t(), beta=0, out=sampled)
-                    grad_values = sampled.values()
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
-        if grad_values is not None:
-            grad_values = grad_values.to(ctx.values_dtype)
+            with _written_in(ctx.weight, pattern.indices, values) as merged:
+                grad_x = torch.mm(gy, merged).view(ctx.x_shape)
+        if need_values_grad:
+            grad_values = _values_grad(ctx, gy, saved, pattern).to(ctx.values_dtype)
         return grad_x, grad_values, None, None, None, None
 
 
-KERNELS = ("gather", "csr")
+def _values_grad(ctx, gy: torch.Tensor, saved: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
+    """grad_D at the K entries, ``sum_n grad_y[n, r] x[n, c]``, by the kernel forward picked."""
+    if gy.shape[0] == 0:
+        return torch.zeros(pattern.nnz, dtype=torch.float32, device=gy.device)
+    if ctx.kernel == "gather":
+        picked = gy.index_select(1, ctx.rows)  # [tokens, K]
+        taken = saved if ctx.kept_taken else saved.index_select(1, ctx.cols)
+        cdt = _compute_dtype(gy.dtype)
+        return torch.linalg.vecdot(picked.to(cdt), taken.to(cdt), dim=0)
+    if ctx.kernel == "csr":
+        cdt = _compute_dtype(gy.dtype)
+        gy_t = _transposed(gy, cdt)
+        x_t = saved if ctx.kept_transposed else _transposed(saved, cdt)
+        acc = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
+        sampled = _csr(pattern.d_crow, pattern.d_col, acc, (pattern.out_features, pattern.in_features))
+        torch.sparse.sampled_addmm(sampled, gy_t, x_t.t(), beta=0, out=sampled)
+        return sampled.values()
+    # dense: the weight gradient as the merged layer's own backward forms it, gathered at the entries
+    return torch.mm(gy.t(), saved).view(-1).index_select(0, pattern.indices)
 
 
 def fused_sparse_linear(
@@ -160,21 +191,23 @@ def fused_sparse_linear(
     pattern: SparsePattern,
     kernel: str | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + sparse_delta_linear(x, values, pattern)`` as one op, for a frozen ``weight``
-    stored [out, in] (and frozen ``bias``) on the CPU. ``kernel``: 'gather', 'csr', or None to choose by
-    :func:`use_gather` (benchmarks and tests force one)."""
+    """``F.linear(x, W + D, bias)`` with D the sparse delta, for a frozen ``weight`` stored [out, in] (and frozen
+    ``bias``) on the CPU: the merged layer's output without a copy of the weight. ``kernel``: 'gather', 'csr',
+    'dense', or None to choose by :func:`pick_kernel` (benchmarks and tests force one)."""
     if kernel not in (None, *KERNELS):
         raise GrinError(f"fused_sparse_linear: kernel must be one of {', '.join(KERNELS)} or None, got {kernel!r}.")
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise GrinError("fused_sparse_linear: the base weight and bias must be frozen (they get no gradient here).")
-    if pattern.transposed or x.device.type != "cpu":
+    if pattern.transposed or x.device.type != "cpu" or weight.device.type != "cpu":
         raise GrinError("fused_sparse_linear: only [out, in] weights on the CPU (others take the reference path).")
+    if tuple(weight.shape) != (pattern.out_features, pattern.in_features) or not weight.is_contiguous():
+        raise GrinError(
+            f"fused_sparse_linear: a contiguous [{pattern.out_features}, {pattern.in_features}] weight expected, got "
+            f"{tuple(weight.shape)}."
+        )
     if x.shape[-1] != pattern.in_features or values.numel() != pattern.nnz or values.dim() != 1:
         raise GrinError(
             f"fused_sparse_linear: x [..., {pattern.in_features}] and {pattern.nnz} values expected, got "
             f"{tuple(x.shape)} and {tuple(values.shape)}."
         )
-    if kernel == "gather" and x.dtype not in (torch.float32, torch.float64):
-        raise GrinError(f"fused_sparse_linear: the gather kernel needs float32/float64 inputs, got {x.dtype}.")
-    gather = use_gather(pattern, x.dtype) if kernel is None else kernel == "gather"
-    return _FusedSparseLinear.apply(x, values, weight, bias, pattern, gather)
+    return _FusedSparseLinear.apply(x, values, weight, bias, pattern, kernel or pick_kernel(pattern, x.dtype))

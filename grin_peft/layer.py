@@ -1,9 +1,9 @@
 """GRIN tuner layers: a frozen linear layer plus a sparse delta whose values are the only trainable parameters.
 
-Each forward takes, per adapter, the sparse op (:mod:`grin_peft.sparse`) at low density or the dense regime
+On the CPU a frozen ``nn.Linear`` with one active adapter takes the fused fast path (:mod:`grin_peft.fused`: the
+delta written into the frozen weight for the duration of each matmul, the merged layer's output, at any density).
+Everything else takes, per adapter, the sparse op (:mod:`grin_peft.sparse`) at low density or the dense regime
 (:mod:`grin_peft.dense`, the delta merged into a temporary copy of the weight) above the adapter's `dense_threshold`.
-On the CPU a frozen ``nn.Linear`` with one active sparse adapter takes the fused fast path (:mod:`grin_peft.fused`,
-the same numbers from one autograd node).
 """
 
 from __future__ import annotations
@@ -231,7 +231,9 @@ class GrinLayer(BaseTunerLayer):
                 pos = torch.searchsorted(other_idx, idx).clamp(max=other_idx.numel() - 1)
                 hit = other_idx[pos] == idx
                 old[hit] = other_new[pos[hit]]
-            new = (old.float() + values.float()).to(weight.dtype)
+            # at least float32, float64 stays float64 (what the fused path and the dense regime compute)
+            compute = torch.promote_types(weight.dtype, torch.float32)
+            new = (old.to(compute) + values.to(compute)).to(weight.dtype)
             if safe_merge and not bool(torch.isfinite(new).all()):
                 raise GrinError(
                     f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken ({name}: the "
@@ -292,7 +294,8 @@ class GrinLayer(BaseTunerLayer):
             idx = self.grin_indices[adapter].long()
             old = self._grin_premerge.pop(adapter, None)
             if old is None:  # merged before this object existed: subtract (exact only up to rounding)
-                old = (flat[idx].float() - self.grin_values[adapter].detach().float()).to(flat.dtype)
+                compute = torch.promote_types(flat.dtype, torch.float32)
+                old = (flat[idx].to(compute) - self.grin_values[adapter].detach().to(compute)).to(flat.dtype)
             flat[idx] = old
 
     def _grin_is_dense(self, adapter_name: str) -> bool:
@@ -310,7 +313,9 @@ class GrinLayer(BaseTunerLayer):
 
     def _grin_can_fuse(self, x: torch.Tensor) -> bool:
         """Whether the one-node fast path (:mod:`grin_peft.fused`) computes this layer: a frozen nn.Linear on the
-        CPU, input in the weight's dtype, no autocast (it would recast the base matmul); else the reference path."""
+        CPU, input in the weight's dtype, no autocast (it would recast the base matmul), a weight in this process's
+        own memory (the fast path writes the delta into it for the duration of a matmul; another process sharing
+        it would see that); else the reference path."""
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
         return (
@@ -321,11 +326,14 @@ class GrinLayer(BaseTunerLayer):
             and x.dtype == weight.dtype
             and not weight.requires_grad
             and (bias is None or not bias.requires_grad)
+            and weight.is_contiguous()
+            and not weight.is_shared()
             and _autocast_dtype("cpu") is None
         )
 
     def grin_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each active adapter's delta: sparse below dense_threshold, merged into a copy above."""
+        """Base output plus each active adapter's delta: on the fused path at any density; elsewhere sparse below
+        dense_threshold, merged into a copy above."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -334,13 +342,13 @@ class GrinLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.grin_values and self.grin_values[a].numel()]
         plain = self._grin_can_merge_on_the_fly(args, kwargs)
-        dense = [a for a in active if self._grin_is_dense(a)] if plain else []
-        if plain and len(active) == 1 and not dense and self._grin_can_fuse(x):
+        if plain and len(active) == 1 and self._grin_can_fuse(x):
             base = self.get_base_layer()
             result = fused_sparse_linear(
                 x, base.weight, base.bias, self.grin_values[active[0]], self._grin_pattern(active[0])
             )
             return self._grin_join_empty(result)
+        dense = [a for a in active if self._grin_is_dense(a)] if plain else []
         if dense:
             base = self.get_base_layer()
             deltas = [(self.grin_values[a], self.grin_indices[a]) for a in dense]

@@ -21,8 +21,9 @@ delta: 1.5x), ~1.7x at 5e-2.
 
 Above a few percent density one dense matmul with the delta merged into a copy of the weight is faster; layers switch
 to that (:mod:`grin_peft.dense`) above ``GrinConfig.dense_threshold``. On the CPU, GRIN layers over a frozen
-``nn.Linear`` use :mod:`grin_peft.fused` instead of this op next to the base layer (the same numbers, less copying);
-this op is the reference, and what CUDA, Conv1D, quantized and hooked bases run.
+``nn.Linear`` use :mod:`grin_peft.fused` instead of this op next to the base layer (the delta written into the weight
+for each matmul: the merged layer's numbers, one sparse pass instead of three); this op is the reference, and what
+CUDA, Conv1D, quantized and hooked bases run.
 
 The CPU sparse kernels have no float16/bfloat16 versions, so 16-bit inputs are computed in float32 (converted
 block by block next to the transposing copies) and the result is rounded to the input's dtype.

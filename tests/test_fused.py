@@ -1,8 +1,10 @@
-"""The fused CPU fast path: a frozen linear layer plus its sparse delta in one autograd node.
+"""The fused CPU fast path: a frozen linear layer with its sparse delta written into the weight for each matmul.
 
-Its specification is the reference path, ``F.linear(x, W, b) + sparse_delta_linear(x, values, pattern)``: the same
-output and the same gradients for x and the values, bit for bit with the CSR kernel, to float rounding with the
-gather kernel (it sums the same products in another order), exactly on hand-checkable integer cases.
+Its specification is the merged layer, ``F.linear(x, W + D, b)`` with ``W + D`` rounded as a merge rounds it
+(:func:`grin_peft.dense.merged_linear`): the same output and ``grad_x`` bit for bit with every kernel, the same
+values gradient bit for bit with the ``dense`` kernel and to float rounding with ``gather`` and ``csr`` (they sum the
+same products in other orders); against the reference path (base output plus a separate sparse delta) float
+rounding in float32; exact on hand-checkable integer cases. The weight itself is left bit-identical.
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
-from tiny_models import build, example_input, output
 
 import grin_peft.fused as fused_module
-from grin_peft import GrinConfig, GrinError, GrinLayer
-from grin_peft.fused import fused_sparse_linear, use_gather
+from grin_peft import GrinError
+from grin_peft.dense import merged_linear
+from grin_peft.fused import fused_sparse_linear, pick_kernel
 from grin_peft.sparse import SparsePattern, sparse_delta_linear
 
-KERNELS = ["gather", "csr"]
+KERNELS = ["gather", "csr", "dense"]
 
 
 def setup(out_features, in_features, nnz, dtype=torch.float32, seed=0, shape=(2, 5), bias=True):
@@ -38,6 +39,10 @@ def forward_backward(fn, x, values, seed=7):
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
     grad_x, grad_values = torch.autograd.grad(y, (x, values), grad_y)
     return y.detach(), grad_x, grad_values
+
+
+def merged(weight, bias, values, x, pattern):
+    return forward_backward(lambda: merged_linear(x, weight, bias, [(values, pattern.indices)]), x, values)
 
 
 def reference(weight, bias, values, x, pattern):
@@ -64,31 +69,61 @@ def test_a_hand_checked_layer(kernel):
     assert torch.equal(grad_x, torch.tensor([[-3.0, 4.0, -1.5], [5.0, 5.0, 2.5]]))
     # grad D[0, 2] = sum_n grad_y[n, 0] x[n, 2] = 4 + 6; grad D[1, 0] = sum_n grad_y[n, 1] x[n, 0] = 2 + 1
     assert torch.equal(grad_values, torch.tensor([10.0, 3.0]))
+    assert torch.equal(weight, torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]]))  # written in, then restored
 
 
-# ----------------------------------------------------------------------------------------------- against the reference
+# ----------------------------------------------------------------------------------------------- against the merge
+
+SHAPES = [(7, 5, 3), (64, 48, 20), (64, 48, 300), (40, 150, 900), (300, 200, 600)]
 
 
-@pytest.mark.parametrize(
-    "out_features, in_features, nnz", [(7, 5, 3), (64, 48, 20), (64, 48, 300), (40, 150, 900), (300, 200, 600)]
-)
-def test_csr_kernel_equals_the_reference_bit_for_bit(out_features, in_features, nnz):
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("out_features, in_features, nnz", SHAPES)
+def test_every_kernel_is_the_merged_layer(kernel, out_features, in_features, nnz):
+    weight, bias, values, x, pattern = setup(out_features, in_features, nnz)
+    before = weight.clone()
+    y, grad_x, grad_values = forward_backward(
+        lambda: fused_sparse_linear(x, weight, bias, values, pattern, kernel), x, values
+    )
+    want_y, want_grad_x, want_grad_values = merged(weight, bias, values, x, pattern)
+    assert torch.equal(y, want_y) and torch.equal(grad_x, want_grad_x)
+    if kernel == "dense":
+        assert torch.equal(grad_values, want_grad_values)
+    else:
+        scale = float(want_grad_values.abs().max())
+        torch.testing.assert_close(grad_values, want_grad_values, rtol=1e-6, atol=1e-6 * scale)
+    assert torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("out_features, in_features, nnz", SHAPES)
+def test_in_float32_every_kernel_equals_the_reference_path_to_float_rounding(kernel, out_features, in_features, nnz):
     weight, bias, values, x, pattern = setup(out_features, in_features, nnz)
     expected = reference(weight, bias, values, x, pattern)
-    got = forward_backward(lambda: fused_sparse_linear(x, weight, bias, values, pattern, "csr"), x, values)
+    got = forward_backward(lambda: fused_sparse_linear(x, weight, bias, values, pattern, kernel), x, values)
     for a, b in zip(got, expected):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
-@pytest.mark.parametrize(
-    "out_features, in_features, nnz", [(7, 5, 3), (64, 48, 20), (64, 48, 300), (40, 150, 900), (300, 200, 600)]
-)
-def test_gather_kernel_equals_the_reference_to_float_rounding(out_features, in_features, nnz):
-    weight, bias, values, x, pattern = setup(out_features, in_features, nnz)
-    expected = reference(weight, bias, values, x, pattern)
-    got = forward_backward(lambda: fused_sparse_linear(x, weight, bias, values, pattern, "gather"), x, values)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_the_merged_layer(kernel, dtype):
+    # a 16-bit weight: W + D rounded once to its dtype, as a merge writes it; float32 values and their gradient
+    weight, bias, values, x, pattern = setup(64, 48, 300, dtype=dtype)
+    before = weight.clone()
+    got = forward_backward(lambda: fused_sparse_linear(x, weight, bias, values, pattern, kernel), x, values)
+    expected = merged(weight, bias, values, x, pattern)
+    assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == torch.float32
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # the values' gradient against exact sums: the dense kernel's is the merged layer's, a 16-bit weight gradient
+    # (bit for bit); gather and csr sum the 16-bit products in float32
+    grad_y = torch.randn(got[0].shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    exact = (grad_y.double().reshape(-1, 64).t() @ x.detach().double().reshape(-1, 48)).view(-1)[pattern.indices]
+    if kernel == "dense":
+        assert torch.equal(got[2], expected[2])
+    else:
+        torch.testing.assert_close(got[2].double(), exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    assert torch.equal(weight, before)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -98,25 +133,22 @@ def test_gradcheck_float64(kernel):
     assert torch.autograd.gradcheck(lambda x, v: fused_sparse_linear(x, weight, bias, v, pattern, kernel), (x, values))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_takes_the_csr_kernel_and_equals_the_reference(dtype):
-    weight, bias, values, x, pattern = setup(64, 48, 20, dtype=dtype)
-    assert not use_gather(pattern, dtype)
-    expected = reference(weight, bias, values, x, pattern)
-    got = forward_backward(lambda: fused_sparse_linear(x, weight, bias, values, pattern), x, values)
-    for a, b in zip(got, expected):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    with pytest.raises(GrinError, match="float32/float64"):
-        fused_sparse_linear(x, weight, bias, values, pattern, "gather")
-
-
 def test_kernel_choice_follows_the_entry_count():
-    few = SparsePattern.from_flat_indices(torch.arange(10), 100, 100)
-    many = SparsePattern.from_flat_indices(torch.arange(1000), 100, 100)
-    assert use_gather(few, torch.float32) and not use_gather(many, torch.float32)
-    limit = int(fused_module.GATHER_ENTRIES_PER_FEATURE * 200)
-    assert use_gather(SparsePattern.from_flat_indices(torch.arange(limit), 100, 100), torch.float32)
-    assert not use_gather(SparsePattern.from_flat_indices(torch.arange(limit + 1), 100, 100), torch.float32)
+    def kernel_for(nnz):
+        return pick_kernel(SparsePattern.from_flat_indices(torch.arange(nnz), 100, 100))
+
+    gather_limit = int(fused_module.GATHER_ENTRIES_PER_FEATURE * 200)
+    dense_limit = int(fused_module.DENSE_FRACTION * 100 * 100)
+    assert kernel_for(1) == kernel_for(gather_limit) == "gather"
+    assert kernel_for(gather_limit + 1) == kernel_for(dense_limit) == "csr"
+    assert kernel_for(dense_limit + 1) == kernel_for(100 * 100) == "dense"
+    # 16-bit inputs: lower limits for both (gather and SDDMM work in float32 copies, the bf16 GEMM is cheap)
+    half_gather = int(fused_module.GATHER_ENTRIES_PER_FEATURE_16BIT * 200)
+    half_dense = int(fused_module.DENSE_FRACTION_16BIT * 100 * 100)
+    for dtype in (torch.bfloat16, torch.float16):
+        counts = (half_gather, half_gather + 1, half_dense, half_dense + 1)
+        kinds = [pick_kernel(SparsePattern.from_flat_indices(torch.arange(n), 100, 100), dtype) for n in counts]
+        assert kinds == ["gather", "csr", "csr", "dense"]
 
 
 # ----------------------------------------------------------------------------------------- what is computed, kept
@@ -127,18 +159,12 @@ def test_frozen_input_or_frozen_values_get_only_the_other_gradient(kernel):
     weight, bias, values, x, pattern = setup(20, 16, 30)
     y = fused_sparse_linear(x.detach(), weight, bias, values, pattern, kernel)
     (grad_values,) = torch.autograd.grad(y.sum(), values)
-    expected = torch.autograd.grad(
-        (F.linear(x.detach(), weight, bias) + sparse_delta_linear(x.detach(), values, pattern)).sum(), values
-    )[0]
-    torch.testing.assert_close(grad_values, expected)
+    expected = torch.autograd.grad(merged_linear(x.detach(), weight, bias, [(values, pattern.indices)]).sum(), values)
+    torch.testing.assert_close(grad_values, expected[0])
     y = fused_sparse_linear(x, weight, bias, values.detach(), pattern, kernel)
     (grad_x,) = torch.autograd.grad(y.sum(), x)
-    torch.testing.assert_close(
-        grad_x,
-        torch.autograd.grad((F.linear(x, weight, bias) + sparse_delta_linear(x, values.detach(), pattern)).sum(), x)[
-            0
-        ],
-    )
+    expected = torch.autograd.grad(merged_linear(x, weight, bias, [(values.detach(), pattern.indices)]).sum(), x)
+    assert torch.equal(grad_x, expected[0])
     with torch.no_grad():
         assert fused_sparse_linear(x, weight, bias, values, pattern, kernel).grad_fn is None
 
@@ -165,20 +191,20 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("nnz", [10, 500])
-def test_gather_never_keeps_more_than_the_input(nnz):
-    # few entries: only the gathered input columns ([tokens, K]); many: the input itself, as the reference keeps
-    weight, bias, values, x, pattern = setup(50, 40, nnz, shape=(64,), bias=False)
-    kept = saved_bytes(lambda: fused_sparse_linear(x, weight, None, values, pattern, "gather"))
-    parameters = weight.nbytes + values.nbytes
-    assert kept - parameters == min(nnz, 40) * 64 * 4
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_csr_keeps_the_transposed_input_only_where_it_costs_no_more_than_the_input(dtype):
-    weight, bias, values, x, pattern = setup(30, 40, 400, dtype=dtype, shape=(16,), bias=False)
-    kept = saved_bytes(lambda: fused_sparse_linear(x, weight, None, values, pattern, "csr"))
-    assert kept - weight.nbytes - values.nbytes == x.nbytes
+@pytest.mark.parametrize(
+    "kernel, nnz, dtype, kept_columns",
+    [
+        ("gather", 10, torch.float32, 10),  # few entries: only the gathered input columns ([tokens, K])
+        ("gather", 500, torch.float32, 40),  # many: the input itself, as the reference keeps it
+        ("csr", 500, torch.float32, 40),  # the transposed input, the size of the input
+        ("csr", 500, torch.bfloat16, 40),  # the input (a float32 transposed copy would be twice its size)
+        ("dense", 500, torch.float32, 40),
+    ],
+)
+def test_never_keeps_more_than_the_input(kernel, nnz, dtype, kept_columns):
+    weight, bias, values, x, pattern = setup(50, 40, nnz, dtype=dtype, shape=(64,), bias=False)
+    kept = saved_bytes(lambda: fused_sparse_linear(x, weight, None, values, pattern, kernel))
+    assert kept - values.nbytes == kept_columns * 64 * x.element_size()  # the weight is not saved (nor copied)
 
 
 def test_bad_calls_are_refused():
@@ -186,57 +212,11 @@ def test_bad_calls_are_refused():
     with pytest.raises(GrinError, match="frozen"):
         fused_sparse_linear(x, weight.clone().requires_grad_(), bias, values, pattern)
     with pytest.raises(GrinError, match="kernel"):
-        fused_sparse_linear(x, weight, bias, values, pattern, "dense")
+        fused_sparse_linear(x, weight, bias, values, pattern, "spmm")
     with pytest.raises(GrinError, match=r"\[out, in\]"):
         transposed = SparsePattern.from_flat_indices(torch.arange(30), 20, 16, transposed=True)
         fused_sparse_linear(x, weight, bias, values, transposed)
+    with pytest.raises(GrinError, match="contiguous"):
+        fused_sparse_linear(x, weight.t().contiguous().t(), bias, values, pattern)
     with pytest.raises(GrinError, match="values expected"):
         fused_sparse_linear(x, weight, bias, values[:-1], pattern)
-
-
-# ----------------------------------------------------------------------------------------------- in a GRIN model
-
-
-def grin_llama(density, fused):
-    """A tiny Llama with a random GRIN delta kept on the sparse paths (dense_threshold=1)."""
-    config = GrinConfig(target_modules="all-linear", density=density, score="random", seed=0, dense_threshold=1.0)
-    model = get_peft_model(build("llama"), config)
-    for module in model.modules():
-        if isinstance(module, GrinLayer):
-            module.grin_fused = fused
-    return model
-
-
-@pytest.mark.parametrize("density", [0.01, 0.3], ids=["gather", "csr"])
-def test_a_grin_model_trains_the_same_on_the_fast_path(density, monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        "grin_peft.layer.fused_sparse_linear", lambda *a, **k: calls.append(1) or fused_sparse_linear(*a, **k)
-    )
-    results = []
-    for fused in (False, True):
-        model = grin_llama(density, fused)
-        out = output(model, example_input("llama"))
-        out.square().sum().backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results.append((out.detach(), grads))
-    assert len(calls) == len(model.base_model.grin_layers())  # every layer, in the fused model only
-    (ref_out, ref_grads), (out, grads) = results
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * float(grad.abs().max()), msg=name)
-
-
-def test_the_reference_path_serves_what_the_fast_path_does_not(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        "grin_peft.layer.fused_sparse_linear", lambda *a, **k: calls.append(1) or fused_sparse_linear(*a, **k)
-    )
-    model = grin_llama(0.05, True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output(model, example_input("llama"))
-    assert not calls  # autocast would recast the base matmul: reference path
-    layer = next(iter(model.base_model.grin_layers().values()))
-    layer.get_base_layer().weight.requires_grad_(True)
-    output(model, example_input("llama"))
-    assert len(calls) == len(model.base_model.grin_layers()) - 1  # a trainable base weight: reference path

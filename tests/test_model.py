@@ -249,7 +249,9 @@ def test_high_density_round_trip_merge_unmerge_and_unload_are_exact(kind, dtype,
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts of forward calls that took the dense regime and the sparse op (reference or fused path)."""
+    """Counts of forward calls that took the dense regime and the sparse op, on the reference path (what CUDA,
+    Conv1D and hooked bases run; the CPU fast path serves every density, tests/test_fused_weight.py)."""
+    monkeypatch.setattr(layer_module.GrinLayer, "grin_fused", False)
     counts = {"dense": 0, "sparse": 0}
 
     def counting(kind, fn):
@@ -261,7 +263,6 @@ def paths(monkeypatch):
 
     monkeypatch.setattr(layer_module, "merged_linear", counting("dense", layer_module.merged_linear))
     monkeypatch.setattr(layer_module, "sparse_delta_linear", counting("sparse", layer_module.sparse_delta_linear))
-    monkeypatch.setattr(layer_module, "fused_sparse_linear", counting("sparse", layer_module.fused_sparse_linear))
     return counts
 
 

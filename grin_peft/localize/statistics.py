@@ -53,8 +53,10 @@ from ..errors import GrinError
 from ..layer import GrinLayer
 
 KINDS = ("sum", "abs", "sq", "sq_mean")
-# per-example statistics: weight rows per block so a block's gradient (float32) stays in a core's cache
-_BLOCK_ELEMENTS = 1 << 16
+# per-example statistics: weight rows per block (float32 entries). One example's [rows, T] x [T, in] GEMM per block:
+# thin blocks (64k entries = 46 rows of a 1408-wide weight) ran those GEMMs up to 1.5x slower than one batch GEMM;
+# 256k entries (1 MiB, a core's L2 here) was fastest or tied on 256-1408 wide weights (issue 15, BENCHMARKS §4)
+_BLOCK_ELEMENTS = 1 << 18
 _MIN_BLOCK_ROWS = 8
 UNITS = ("example", "batch")
 
