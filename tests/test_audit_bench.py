@@ -130,3 +130,24 @@ def test_relearning_table_gives_the_operating_point_and_the_absolute_probabiliti
     )
     assert len(table.splitlines()) == 3  # a run without the relearning attack has no row
     assert bench_audit.render_relearning([result("quantized only", [])]) == ""
+
+
+def test_each_grin_row_runs_once_per_learning_rate_factor_and_radius():
+    grin, full = bench_audit.METHODS[3], bench_audit.METHODS[0]
+    runs = bench_audit.with_sharpness(grin, [0.0, 1.0], 1, [1.0, 2.0])
+    assert [(m.name.removeprefix(grin.name), m.lr, rho) for m, rho in runs] == [
+        (", seed 1", grin.lr, 0.0),
+        (", seed 1 + SAM rho=1", grin.lr, 1.0),
+        (", seed 1, lr x2", 2 * grin.lr, 0.0),
+        (", seed 1, lr x2 + SAM rho=1", 2 * grin.lr, 1.0),
+    ]
+    assert all(m.grin["seed"] == 1 for m, _ in runs)
+    assert [(m.lr, rho) for m, rho in bench_audit.with_sharpness(full, [0.0, 1.0], 0, [2.0])] == [(full.lr, 0.0)]
+
+
+def test_relearning_splits_are_items_and_seed_on_the_base_settings():
+    base = bench_audit.RelearnSettings(items=40, steps=50, lr=1e-3)
+    splits = bench_audit.parse_splits(["10:0", "40:1"], base)
+    assert [(s.items, s.seed, s.steps, s.lr) for s in splits] == [(10, 0, 50, 1e-3), (40, 1, 50, 1e-3)]
+    with pytest.raises(SystemExit, match="ITEMS:SEED"):
+        bench_audit.parse_splits(["40"], base)
