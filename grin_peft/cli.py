@@ -170,6 +170,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise _fail(f"--threads must be a positive integer, got {args.threads}.")
     check_rho(args.sam_rho)
+    if args.push_merged and not args.push_to_hub:
+        raise _fail("--push-merged says what --push-to-hub pushes; give --push-to-hub REPO_ID too.")
     forget = _read_items(args.forget, "forget")
     retain = _read_items(args.retain, "retain") if args.retain else None
     refusals = _read_refusals(args)
@@ -234,8 +236,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         f"delta sha256 {result.peft_model.grin_delta_sha256} (load it pinned: --expected-sha256 <this>)"
     )
     if args.push_to_hub:
-        result.peft_model.push_to_hub(args.push_to_hub)
-        print(f"pushed to {args.push_to_hub}")
+        result.peft_model.push_to_hub(args.push_to_hub, merged=args.push_merged)
+        print(f"pushed {'the merged model' if args.push_merged else 'the delta'} to {args.push_to_hub}")
     return 0
 
 
@@ -494,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
+    p.add_argument(
+        "--push-merged", action="store_true",
+        help="push the merged model instead of the delta, which shows which entries unlearning changed",
+    )  # fmt: skip
     _add_format_flags(p)
     p.set_defaults(func=cmd_unlearn)
 
