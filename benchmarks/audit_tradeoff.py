@@ -28,8 +28,9 @@ def _recovered(report: Mapping[str, Any], source: str) -> float | None:
 
 
 def point(result: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A run as a point (None for a run the relearning attack did not judge): its group (method, unlearning seed),
-    knobs (lr, SAM radius, epochs), operating point and recovered fractions, the extra relearning splits' too."""
+    """A run as a point (None for a run the relearning attack did not judge): its group (method, unlearning
+    seed), knobs (lr, retain weight, SAM radius, epochs), operating point and recovered fractions, also those of
+    the extra relearning splits."""
     report, config = result["report"], result.get("config", {})
     recovered = {source: _recovered(report, source) for source in SOURCES}
     if all(value is None for value in recovered.values()):
@@ -46,6 +47,7 @@ def point(result: Mapping[str, Any]) -> dict[str, Any] | None:
         "lr": config.get("lr"),
         "rho": config.get("sam_rho", 0.0) or 0.0,
         "epochs": config.get("epochs"),
+        "retain_weight": config.get("retain_weight"),
         "forget": unlearned["forget"]["probability"],
         "retain": unlearned["retain"]["probability"],
         "recovered": recovered,
@@ -93,14 +95,17 @@ def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
         if len(plain) < 2 or len(plain) == len(points):
             continue
         split_names = sorted({s for p in points for s in p["splits"]})
-        head = ["run", "lr", "forget prob u", "retain prob u", "relearn forget", "plain at this retain"]
+        head = ["run", "lr", "retain weight", "epochs", "forget prob u", "retain prob u", "relearn forget"]
+        head += ["plain at this retain"]
         head += ["relearn retain", "plain at this retain"]
         for name in split_names:
             head += [f"relearn forget, split {name}", "plain at this retain", f"relearn retain, split {name}"]
         lines = [f"{group}, seed {seed}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in points:
             label = f"SAM rho={p['rho']:g}" if p["rho"] else "plain"
-            cells = [label, f"{p['lr']:g}", f"{p['forget']:.3f}", f"{p['retain']:.3f}"]
+            weight = 1 if p["retain_weight"] is None else p["retain_weight"]
+            cells = [label, f"{p['lr']:g}", f"{weight:g}", f"{p['epochs']:g}", f"{p['forget']:.3f}"]
+            cells.append(f"{p['retain']:.3f}")
             for source in SOURCES:
                 cells += [_pct(p["recovered"][source]), _versus(p, plain, source, None)]
             for name in split_names:

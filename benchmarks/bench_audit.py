@@ -91,6 +91,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="unlearn each GRIN row once per factor on its learning rate (plain controls for the SAM rows)",
     )  # fmt: skip
     p.add_argument(
+        "--retain-weight", type=float, nargs="+", default=[None],
+        help="unlearn each GRIN row once per retain-term weight (default: the objective's own, 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--relearn-splits", nargs="*", default=[], metavar="ITEMS:SEED",
         help="also attack each run by relearning on these forget-item counts and split seeds",
     )  # fmt: skip
@@ -256,20 +260,29 @@ def shrunk(model, target, forget, retain, fmt, items, cap, method, alpha, modes)
 
 
 def with_sharpness(
-    method: Method, radii: Sequence[float], seed: int, lr_scales: Sequence[float] = (1.0,)
-) -> list[tuple[Method, float]]:
-    """The runs of one method: a GRIN row once per learning-rate factor and SAM radius (0: plain) with its
-    selection seed set to ``seed``; any other row once, plain."""
+    method: Method,
+    radii: Sequence[float],
+    seed: int,
+    lr_scales: Sequence[float] = (1.0,),
+    retain_weights: Sequence[float | None] = (None,),
+) -> list[tuple[Method, dict[str, float]]]:
+    """The runs of one method, each with its training overrides: a GRIN row once per learning-rate factor, retain
+    weight (None: the objective's default) and SAM radius (0: plain), its selection seed set to ``seed``; any other
+    row once, plain."""
     suffix = f", seed {seed}" if seed else ""
     if method.kind != "grin":
-        return [(dataclasses.replace(method, name=method.name + suffix), 0.0)]
+        return [(dataclasses.replace(method, name=method.name + suffix), {})]
     runs = []
     for scale in lr_scales:
-        lr = method.lr * scale
-        for rho in radii:
-            name = method.name + suffix + (f", lr x{scale:g}" if scale != 1 else "")
-            name += f" + SAM rho={rho:g}" if rho else ""
-            runs.append((dataclasses.replace(method, name=name, lr=lr, grin={**method.grin, "seed": seed}), rho))
+        for weight in retain_weights:
+            for rho in radii:
+                name = method.name + suffix + (f", lr x{scale:g}" if scale != 1 else "")
+                name += "" if weight is None else f", retain weight {weight:g}"
+                name += f" + SAM rho={rho:g}" if rho else ""
+                overrides = {"sam_rho": rho} if rho else {}
+                overrides |= {} if weight is None else {"retain_weight": weight}
+                grin = {**method.grin, "seed": seed}
+                runs.append((dataclasses.replace(method, name=name, lr=method.lr * scale, grin=grin), overrides))
     return runs
 
 
@@ -361,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.epochs:
         train = {**train, "num_train_epochs": args.epochs}
     train = {**train, "seed": args.seed}
-    runs = [run for m in methods for run in with_sharpness(m, args.sam_rho, args.seed, args.lr_scale)]
+    runs = [
+        run for m in methods for run in with_sharpness(m, args.sam_rho, args.seed, args.lr_scale, args.retain_weight)
+    ]
     splits = parse_splits(args.relearn_splits, relearn)
     attacks = None if args.attacks is None else [a.strip() for a in args.attacks.split(",") if a.strip()]
     meta["settings"] = {"train": train, "items": items, "relearn": vars(relearn), "max_new_tokens": cap}
@@ -379,10 +394,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="bench_audit_") as workdir:
-        for method, rho in runs:
+        for method, overrides in runs:
             t0 = time.perf_counter()
             log(f"{method.name}: unlearning")
-            method_train = {**train, "sam_rho": rho} if rho else train
+            method_train = {**train, **overrides}
             model, cost = run_method(
                 method, lambda: copy.deepcopy(target), fmt, forget, retain, train=method_train, workdir=workdir,
                 localize_retain=localize_retain, log=log,
@@ -398,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "method": method.name,
                     "config": {
                         **method.describe(),
-                        "sam_rho": rho,
+                        "sam_rho": overrides.get("sam_rho", 0.0),
+                        "retain_weight": overrides.get("retain_weight"),
                         "seed": args.seed,
                         "epochs": train["num_train_epochs"],
                     },
