@@ -154,7 +154,8 @@ def plot_tradeoff(results: Sequence[Mapping[str, Any]], path: Path) -> None:
                         ax.plot(p["retain"], p["recovered"][source], "*", color=color, markersize=12)
                         ax.annotate(f"rho {p['rho']:g}", (p["retain"], p["recovered"][source]), fontsize=7)
             what = "forget items" if source == "forget" else "retain items only"
-            ax.set_title(f"{name[:9]}: relearning on {what}", fontsize=9)
+            ax.set_title(f"{name.split(' (')[0]}: relearning on {what}", fontsize=9)
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
             ax.set_xlabel("retain answer probability after unlearning")
             ax.set_ylabel("recovered fraction of forget probability")
             ax.legend(fontsize=7, title="stars: SAM", title_fontsize=7)
