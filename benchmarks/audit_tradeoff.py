@@ -20,11 +20,18 @@ from typing import Any
 SOURCES = ("forget", "related")  # relearning on forget items, on retain items only
 
 
+def _row(report: Mapping[str, Any], source: str) -> Mapping[str, Any] | None:
+    return next((r for r in report["rows"] if r["attack"] == "relearning" and r["variant"].startswith(source)), None)
+
+
 def _recovered(report: Mapping[str, Any], source: str) -> float | None:
-    row = next(
-        (r for r in report["rows"] if r["attack"] == "relearning" and r["variant"].startswith(source)), None
-    )  # fmt: skip
+    row = _row(report, source)
     return None if row is None else row["recovered"]["probability"]
+
+
+def _attacked(report: Mapping[str, Any], source: str) -> float | None:
+    row = _row(report, source)
+    return None if row is None else row["attacked"]["probability"]
 
 
 def point(result: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -51,6 +58,7 @@ def point(result: Mapping[str, Any]) -> dict[str, Any] | None:
         "forget": unlearned["forget"]["probability"],
         "retain": unlearned["retain"]["probability"],
         "recovered": recovered,
+        "attacked": {source: _attacked(report, source) for source in SOURCES},
         "splits": splits,
     }
 
@@ -87,8 +95,9 @@ def _pct(value: float | None) -> str:
 
 def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table per (method, seed) with at least one SAM and two plain runs: each run's operating point and
-    recovered fractions; a SAM row also shows the plain curve at its retain and the difference (negative: SAM
-    lets less come back than a plain run that kept as much retain)."""
+    recovered fractions (main split: the attacked model's forget probability in brackets); a SAM row also shows
+    the plain curve at its retain and the difference (negative: SAM lets less come back than a plain run that kept
+    as much retain)."""
     blocks = []
     for (group, seed), points in groups(results).items():
         plain = [p for p in points if not p["rho"]]
@@ -107,7 +116,9 @@ def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
             cells = [label, f"{p['lr']:g}", f"{weight:g}", f"{p['epochs']:g}", f"{p['forget']:.3f}"]
             cells.append(f"{p['retain']:.3f}")
             for source in SOURCES:
-                cells += [_pct(p["recovered"][source]), _versus(p, plain, source, None)]
+                attacked = p["attacked"][source]
+                prob = "" if attacked is None else f" ({attacked:.3f})"
+                cells += [_pct(p["recovered"][source]) + prob, _versus(p, plain, source, None)]
             for name in split_names:
                 rec = p["splits"].get(name, {})
                 cells += [_pct(rec.get("forget")), _versus(p, plain, "forget", name), _pct(rec.get("related"))]

@@ -16,8 +16,10 @@ def run(name, retain, forget_rec, related_rec, *, rho=0.0, seed=0, lr=1e-2, spli
 
     def report(f, r):
         rows = [
-            {"attack": "relearning", "variant": "forget data: full", "recovered": {"probability": f}},
-            {"attack": "relearning", "variant": "related data: full", "recovered": {"probability": r}},
+            {"attack": "relearning", "variant": "forget data: full", "recovered": {"probability": f},
+             "attacked": {"probability": 0.1 + f}},
+            {"attack": "relearning", "variant": "related data: full", "recovered": {"probability": r},
+             "attacked": {"probability": 0.1 + r}},
         ]
         unlearned = {"forget": {"probability": 0.15}, "retain": {"probability": retain}}
         return {"rows": rows, "baseline": {"unlearned": unlearned}}
@@ -72,7 +74,7 @@ def test_the_table_shows_the_sam_run_against_the_plain_curve_in_points():
     ]
     table = tradeoff.render_tradeoff(results)
     sam = next(line for line in table.splitlines() if line.startswith("| SAM rho=1 "))
-    assert "| 10% | 25% (-15 pts) | 25% | 20% (+5 pts) |" in sam
+    assert "| 10% (0.200) | 25% (-15 pts) | 25% (0.350) | 20% (+5 pts) |" in sam
     assert "outside the plain runs" in next(line for line in table.splitlines() if "rho=3" in line)
 
 
