@@ -16,10 +16,18 @@ def run(name, retain, forget_rec, related_rec, *, rho=0.0, seed=0, lr=1e-2, spli
 
     def report(f, r):
         rows = [
-            {"attack": "relearning", "variant": "forget data: full", "recovered": {"probability": f},
-             "attacked": {"probability": 0.1 + f}},
-            {"attack": "relearning", "variant": "related data: full", "recovered": {"probability": r},
-             "attacked": {"probability": 0.1 + r}},
+            {
+                "attack": "relearning",
+                "variant": "forget data: full",
+                "recovered": {"probability": f},
+                "attacked": {"probability": 0.1 + f},
+            },
+            {
+                "attack": "relearning",
+                "variant": "related data: full",
+                "recovered": {"probability": r},
+                "attacked": {"probability": 0.1 + r},
+            },
         ]
         unlearned = {"forget": {"probability": 0.15}, "retain": {"probability": retain}}
         return {"rows": rows, "baseline": {"unlearned": unlearned}}
