@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from frontier import pareto_frontier, retain_at
+
 SOURCES = ("forget", "related")  # relearning on forget items, on retain items only
 
 
@@ -97,7 +99,8 @@ def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table per (method, seed) with at least one SAM and two plain runs: each run's operating point and
     recovered fractions (main split: the attacked model's forget probability in brackets); a SAM row also shows
     the plain curve at its retain and the difference (negative: SAM lets less come back than a plain run that kept
-    as much retain)."""
+    as much retain), and the plain runs' forget/retain frontier read at its forget probability (what a plain run
+    that forgot as much kept: ``frontier.retain_at``; blank when no plain run forgot that much)."""
     blocks = []
     for (group, seed), points in groups(results).items():
         plain = [p for p in points if not p["rho"]]
@@ -109,6 +112,8 @@ def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
         head += ["relearn retain", "plain at this retain"]
         for name in split_names:
             head += [f"relearn forget, split {name}", "plain at this retain", f"relearn retain, split {name}"]
+        head.append("plain retain at this forget")
+        frontier = pareto_frontier(plain)
         lines = [f"{group}, seed {seed}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in points:
             label = f"SAM rho={p['rho']:g}" if p["rho"] else "plain"
@@ -122,6 +127,8 @@ def render_tradeoff(results: Sequence[Mapping[str, Any]]) -> str:
             for name in split_names:
                 rec = p["splits"].get(name, {})
                 cells += [_pct(rec.get("forget")), _versus(p, plain, "forget", name), _pct(rec.get("related"))]
+            at_forget = retain_at(frontier, p["forget"]) if p["rho"] else None
+            cells.append("" if at_forget is None else f"{at_forget:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 tradeoff = pytest.importorskip("audit_tradeoff")
 
 
-def run(name, retain, forget_rec, related_rec, *, rho=0.0, seed=0, lr=1e-2, splits=()):
+def run(name, retain, forget_rec, related_rec, *, rho=0.0, seed=0, lr=1e-2, splits=(), forget=0.15):
     """A bench_audit result with the two relearning rows; ``splits``: (items, seed, forget_rec, related_rec)."""
 
     def report(f, r):
@@ -29,7 +29,7 @@ def run(name, retain, forget_rec, related_rec, *, rho=0.0, seed=0, lr=1e-2, spli
                 "attacked": {"probability": 0.1 + r},
             },
         ]
-        unlearned = {"forget": {"probability": 0.15}, "retain": {"probability": retain}}
+        unlearned = {"forget": {"probability": forget}, "retain": {"probability": retain}}
         return {"rows": rows, "baseline": {"unlearned": unlearned}}
 
     return {
@@ -75,14 +75,15 @@ def test_runs_group_by_method_and_seed_whatever_their_lr_or_radius():
 
 def test_the_table_shows_the_sam_run_against_the_plain_curve_in_points():
     results = [
-        run("G", 0.7, 0.30, 0.30),
-        run("G, lr x2", 0.5, 0.20, 0.10, lr=2e-2),
-        run("G + SAM rho=1", 0.6, 0.10, 0.25, rho=1.0),
+        run("G", 0.7, 0.30, 0.30, forget=0.2),
+        run("G, lr x2", 0.5, 0.20, 0.10, lr=2e-2, forget=0.1),
+        run("G + SAM rho=1", 0.6, 0.10, 0.25, rho=1.0, forget=0.125),
         run("G + SAM rho=3", 0.3, 0.05, 0.05, rho=3.0),
     ]
     table = tradeoff.render_tradeoff(results)
     sam = next(line for line in table.splitlines() if line.startswith("| SAM rho=1 "))
     assert "| 10% (0.200) | 25% (-15 pts) | 25% (0.350) | 20% (+5 pts) |" in sam
+    assert sam.endswith("| 0.550 |")  # plain frontier (0.1, 0.5) - (0.2, 0.7) read at the SAM run's forget 0.125
     assert "outside the plain runs" in next(line for line in table.splitlines() if "rho=3" in line)
 
 
