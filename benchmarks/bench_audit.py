@@ -13,6 +13,9 @@ the papers), so the published relearning rate (1e-5, batch 4, 15-150 steps) beco
     python benchmarks/bench_audit.py                          # every method
     python benchmarks/bench_audit.py --methods "full NPO lr=1e-4,GRIN 25%" --stem part1
     python benchmarks/bench_audit.py --merge part1.json part2.json --stem audit_forget10
+    # SAM against plain controls at lower retain weights, on a second split too (audit_tradeoff.py):
+    python benchmarks/bench_audit.py --methods "GRIN 1%" --attacks relearning --sam-rho 0 1 --relearn-splits 40:1
+    python benchmarks/bench_audit.py --methods "GRIN 1%" --attacks relearning --retain-weight 0.5 0.25
 
 GRIN rows are followed by the same delta after ``grin_peft.audit.floor_to_bin_width`` (``--mitigate``, default 1
 bin), audited under quantization only.
@@ -225,7 +228,7 @@ def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: 
     atomic_write(out / f"{stem}.json", json.dumps({**meta, "results": results}, indent=2, default=str))
     relearning, tradeoff = render_relearning(results), render_tradeoff(results)
     extra = f"\nRelearning in absolute numbers:\n\n{relearning}" if relearning else ""
-    if tradeoff:  # SAM runs beside plain runs at several learning rates
+    if tradeoff:  # SAM runs beside plain runs of the same method and seed
         extra += f"\nSAM against the plain runs at equal retain ({stem}_tradeoff.png):\n\n{tradeoff}"
         plot_tradeoff(results, out / f"{stem}_tradeoff.png")
     atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results) + extra)
