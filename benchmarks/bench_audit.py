@@ -13,6 +13,9 @@ the papers), so the published relearning rate (1e-5, batch 4, 15-150 steps) beco
     python benchmarks/bench_audit.py                          # every method
     python benchmarks/bench_audit.py --methods "full NPO lr=1e-4,GRIN 25%" --stem part1
     python benchmarks/bench_audit.py --merge part1.json part2.json --stem audit_forget10
+    # SAM against plain controls at lower retain weights, on a second split too (audit_tradeoff.py):
+    python benchmarks/bench_audit.py --methods "GRIN 1%" --attacks relearning --sam-rho 0 1 --relearn-splits 40:1
+    python benchmarks/bench_audit.py --methods "GRIN 1%" --attacks relearning --retain-weight 0.5 0.25
 
 GRIN rows are followed by the same delta after ``grin_peft.audit.floor_to_bin_width`` (``--mitigate``, default 1
 bin), audited under quantization only.
@@ -34,6 +37,7 @@ from typing import Any
 
 import bench_tofu  # noqa: E402
 import torch
+from audit_tradeoff import plot_tradeoff, render_tradeoff
 from common import REPO, Method, atomic_write, environment, log, run_method  # benchmarks/ is on sys.path
 from tofu_eval import generation_cap
 from tofu_models import localize_sample
@@ -84,6 +88,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sam-rho", type=float, nargs="+", default=[0.0],
         help="unlearn each GRIN row once per radius (UnlearningArguments.sam_rho; 0: plain, no SAM)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr-scale", type=float, nargs="+", default=[1.0],
+        help="unlearn each GRIN row once per factor on its learning rate (plain controls for the SAM rows)",
+    )  # fmt: skip
+    p.add_argument(
+        "--retain-weight", type=float, nargs="+", default=[None],
+        help="unlearn each GRIN row once per retain-term weight (default: the objective's own, 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--relearn-splits", nargs="*", default=[], metavar="ITEMS:SEED",
+        help="also attack each run by relearning on these forget-item counts and split seeds",
     )  # fmt: skip
     p.add_argument("--attacks", default=None, help="comma-separated attacks to run (default: all)")
     p.add_argument("--modes", default="8bit,nf4,fp4", help="comma-separated quantization modes (default: all)")
@@ -210,8 +226,11 @@ def render_relearning(results: list[dict[str, Any]]) -> str:
 def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / f"{stem}.json", json.dumps({**meta, "results": results}, indent=2, default=str))
-    relearning = render_relearning(results)
+    relearning, tradeoff = render_relearning(results), render_tradeoff(results)
     extra = f"\nRelearning in absolute numbers:\n\n{relearning}" if relearning else ""
+    if tradeoff:  # SAM runs beside plain runs of the same method and seed
+        extra += f"\nSAM against the plain runs at equal retain ({stem}_tradeoff.png):\n\n{tradeoff}"
+        plot_tradeoff(results, out / f"{stem}_tradeoff.png")
     atomic_write(out / f"{stem}.md", f"`{meta['command']}`\n\n" + render(results) + extra)
     plot(results, out / f"{stem}.png")
 
@@ -243,17 +262,42 @@ def shrunk(model, target, forget, retain, fmt, items, cap, method, alpha, modes)
     return {"method": name, "config": {**method.describe(), "shrink": alpha}, "report": report.to_dict()}
 
 
-def with_sharpness(method: Method, radii: Sequence[float], seed: int) -> list[tuple[Method, float]]:
-    """The runs of one method: a GRIN row once per SAM radius (0: plain) with its selection seed set to ``seed``;
-    any other row once, plain."""
+def with_sharpness(
+    method: Method,
+    radii: Sequence[float],
+    seed: int,
+    lr_scales: Sequence[float] = (1.0,),
+    retain_weights: Sequence[float | None] = (None,),
+) -> list[tuple[Method, dict[str, float]]]:
+    """The runs of one method, each with its training overrides: a GRIN row once per learning-rate factor, retain
+    weight (None: the objective's default) and SAM radius (0: plain), its selection seed set to ``seed``; any other
+    row once, plain."""
     suffix = f", seed {seed}" if seed else ""
     if method.kind != "grin":
-        return [(dataclasses.replace(method, name=method.name + suffix), 0.0)]
+        return [(dataclasses.replace(method, name=method.name + suffix), {})]
     runs = []
-    for rho in radii:
-        name = method.name + suffix + (f" + SAM rho={rho:g}" if rho else "")
-        runs.append((dataclasses.replace(method, name=name, grin={**method.grin, "seed": seed}), rho))
+    for scale in lr_scales:
+        for weight in retain_weights:
+            for rho in radii:
+                name = method.name + suffix + (f", lr x{scale:g}" if scale != 1 else "")
+                name += "" if weight is None else f", retain weight {weight:g}"
+                name += f" + SAM rho={rho:g}" if rho else ""
+                overrides = {"sam_rho": rho} if rho else {}
+                overrides |= {} if weight is None else {"retain_weight": weight}
+                grin = {**method.grin, "seed": seed}
+                runs.append((dataclasses.replace(method, name=name, lr=method.lr * scale, grin=grin), overrides))
     return runs
+
+
+def parse_splits(specs: Sequence[str], base: RelearnSettings) -> list[RelearnSettings]:
+    """``ITEMS:SEED`` strings as relearning settings that differ from ``base`` only in items and split seed."""
+    splits = []
+    for spec in specs:
+        items, _, seed = spec.partition(":")
+        if not (items.isdigit() and seed.isdigit()):
+            sys.exit(f"bench_audit: --relearn-splits takes ITEMS:SEED (two whole numbers); got {spec!r}")
+        splits.append(dataclasses.replace(base, items=int(items), seed=int(seed)))
+    return splits
 
 
 def quantized_target(target, fmt, forget, modes, cap) -> dict[str, Any]:
@@ -333,18 +377,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.epochs:
         train = {**train, "num_train_epochs": args.epochs}
     train = {**train, "seed": args.seed}
-    runs = [run for m in methods for run in with_sharpness(m, args.sam_rho, args.seed)]
+    runs = [
+        run for m in methods for run in with_sharpness(m, args.sam_rho, args.seed, args.lr_scale, args.retain_weight)
+    ]
+    splits = parse_splits(args.relearn_splits, relearn)
     attacks = None if args.attacks is None else [a.strip() for a in args.attacks.split(",") if a.strip()]
     meta["settings"] = {"train": train, "items": items, "relearn": vars(relearn), "max_new_tokens": cap}
+    meta["settings"]["relearn_splits"] = [vars(s) for s in splits]
     results: list[dict[str, Any]] = []
     if args.quantized_target:
         meta["quantized_target"] = quantized_target(target, fmt, forget[:items], modes, cap)
     localize_retain = localize_sample(retain, 400, 0)
+
+    def split_report(model: torch.nn.Module, original: torch.nn.Module | None, split: RelearnSettings):
+        log(f"  relearning split: {split.items} items, seed {split.seed}")
+        return audit(
+            model, forget, retain, tokenizer=fmt, original=original, attacks=["relearning"], max_items=items,
+            relearn_settings=split, max_new_tokens=cap, batch_size=32, name=f"split {split.items}:{split.seed}",
+        )  # fmt: skip
+
     with tempfile.TemporaryDirectory(prefix="bench_audit_") as workdir:
-        for method, rho in runs:
+        for method, overrides in runs:
             t0 = time.perf_counter()
             log(f"{method.name}: unlearning")
-            method_train = {**train, "sam_rho": rho} if rho else train
+            method_train = {**train, **overrides}
             model, cost = run_method(
                 method, lambda: copy.deepcopy(target), fmt, forget, retain, train=method_train, workdir=workdir,
                 localize_retain=localize_retain, log=log,
@@ -360,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "method": method.name,
                     "config": {
                         **method.describe(),
-                        "sam_rho": rho,
+                        "sam_rho": overrides.get("sam_rho", 0.0),
+                        "retain_weight": overrides.get("retain_weight"),
                         "seed": args.seed,
                         "epochs": train["num_train_epochs"],
                     },
@@ -368,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "audit_seconds": report.seconds,
                     "trainable_entries": cost.get("trainable_entries"),
                     "report": report.to_dict(),
+                    "relearn_splits": [
+                        {"items": s.items, "seed": s.seed, "report": split_report(model, original, s).to_dict()}
+                        for s in splits
+                    ],
                 }
             )
             for alpha in args.shrink:

@@ -102,17 +102,6 @@ def test_moved_towards_scales_the_whole_change_and_leaves_both_models_alone():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_each_grin_row_runs_once_per_radius_with_its_seed_and_other_rows_once():
-    grin, full = bench_audit.METHODS[3], bench_audit.METHODS[0]
-    runs = bench_audit.with_sharpness(grin, [0.0, 0.3], seed=1)
-    assert [(m.name, rho) for m, rho in runs] == [
-        (f"{grin.name}, seed 1", 0.0),
-        (f"{grin.name}, seed 1 + SAM rho=0.3", 0.3),
-    ]
-    assert all(m.grin["seed"] == 1 and m.grin["density"] == grin.grin["density"] for m, _ in runs)
-    assert [(m.name, rho) for m, rho in bench_audit.with_sharpness(full, [0.0, 0.3], seed=0)] == [(full.name, 0.0)]
-
-
 def test_relearning_table_gives_the_operating_point_and_the_absolute_probabilities():
     def relearn_row(source, attacked, fraction):
         probabilities = {"original": 0.9, "unlearned": 0.1, "attacked": attacked}
@@ -130,3 +119,28 @@ def test_relearning_table_gives_the_operating_point_and_the_absolute_probabiliti
     )
     assert len(table.splitlines()) == 3  # a run without the relearning attack has no row
     assert bench_audit.render_relearning([result("quantized only", [])]) == ""
+
+
+def test_each_grin_row_runs_once_per_learning_rate_factor_retain_weight_and_radius():
+    grin, full = bench_audit.METHODS[3], bench_audit.METHODS[0]
+    runs = bench_audit.with_sharpness(grin, [0.0, 1.0], 1, [1.0, 2.0], [None, 0.5])
+    assert [(m.name.removeprefix(grin.name), m.lr, overrides) for m, overrides in runs] == [
+        (", seed 1", grin.lr, {}),
+        (", seed 1 + SAM rho=1", grin.lr, {"sam_rho": 1.0}),
+        (", seed 1, retain weight 0.5", grin.lr, {"retain_weight": 0.5}),
+        (", seed 1, retain weight 0.5 + SAM rho=1", grin.lr, {"sam_rho": 1.0, "retain_weight": 0.5}),
+        (", seed 1, lr x2", 2 * grin.lr, {}),
+        (", seed 1, lr x2 + SAM rho=1", 2 * grin.lr, {"sam_rho": 1.0}),
+        (", seed 1, lr x2, retain weight 0.5", 2 * grin.lr, {"retain_weight": 0.5}),
+        (", seed 1, lr x2, retain weight 0.5 + SAM rho=1", 2 * grin.lr, {"sam_rho": 1.0, "retain_weight": 0.5}),
+    ]
+    assert all(m.grin["seed"] == 1 and m.grin["density"] == grin.grin["density"] for m, _ in runs)
+    assert [(m.lr, o) for m, o in bench_audit.with_sharpness(full, [0.0, 1.0], 0, [2.0], [0.5])] == [(full.lr, {})]
+
+
+def test_relearning_splits_are_items_and_seed_on_the_base_settings():
+    base = bench_audit.RelearnSettings(items=40, steps=50, lr=1e-3)
+    splits = bench_audit.parse_splits(["10:0", "40:1"], base)
+    assert [(s.items, s.seed, s.steps, s.lr) for s in splits] == [(10, 0, 50, 1e-3), (40, 1, 50, 1e-3)]
+    with pytest.raises(SystemExit, match="ITEMS:SEED"):
+        bench_audit.parse_splits(["40"], base)

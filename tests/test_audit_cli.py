@@ -44,7 +44,9 @@ def files(tmp_path_factory):
     train(lora, tok, FORGET, steps=4, lr=1e-2, sign=-1.0).save_pretrained(root / "lora")
     for name, items in (("forget", FORGET), ("retain", RETAIN), ("holdout", HOLDOUT)):
         write_jsonl(items, root / f"{name}.jsonl")
+    write_jsonl(RETAIN[:2], root / "related.jsonl")
     (root / "bad_holdout.jsonl").write_text('{"question": "Q?", "text": "no answer"}\n')
+    (root / "empty.jsonl").write_text("")
     yield root
     torch.set_num_threads(threads)
 
@@ -77,9 +79,21 @@ def test_lora_adapters_and_plain_unlearned_models_are_audited(files, tmp_path, k
     assert json.loads((out / "audit.json").read_text())["rows"][0]["attack"] == "jailbreak"
 
 
+def test_related_data_replaces_the_retain_set_in_the_second_relearning_attack(files, tmp_path):
+    out = tmp_path / "related"
+    argv = ["audit", "--model", str(files / "original"), "--delta", str(files / "grin"), *data(files, None)]
+    argv += ["--relearn-data", str(files / "related.jsonl"), "--attacks", "relearning", "--output", str(out), *FAST]
+    assert main(argv) == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert report["settings"]["relearning"]["data_items"] == 2  # the related file's, not the retain set's
+    assert [r["variant"].split(":")[0] for r in report["rows"]] == ["forget data", "related data"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--forget", "empty.jsonl"], "holds no records"),
+        (["--relearn-data", "empty.jsonl"], "holds no records"),
         (["--holdout", "bad_holdout.jsonl"], "lacks field"),
         (["--attacks", "quantisation"], "--attacks: unknown"),
         (["--quantization", "int3"], "--quantization: unknown"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hub_server import unique_repo_id
 from huggingface_hub import ModelCard, list_repo_files
@@ -11,6 +12,23 @@ from tiny_models import build, example_input, output
 from transformers import AutoModelForCausalLM
 
 from grin_peft import GrinConfig
+from grin_peft.cli import main
+from grin_peft.synthetic import generate_dataset, write_jsonl
+from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder and forget/retain JSON Lines for the command line."""
+    root = tmp_path_factory.mktemp("cli_merged")
+    data = generate_dataset(num_people=6, questions_per_person=3, forget_fraction=0.34, seed=0)
+    tokenizer = train_tokenizer([f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.train], 400)
+    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl(data.forget, root / "forget.jsonl")
+    write_jsonl(data.retain, root / "retain.jsonl")
+    return root
 
 
 def test_push_merged_uploads_the_merged_model_and_no_delta(hub):
@@ -31,3 +49,23 @@ def test_delta_card_warns_that_a_delta_reveals_the_changed_entries(hub):
     get_peft_model(build("llama"), GrinConfig(density=0.05, score="random")).push_to_hub(repo_id)
     text = ModelCard.load(repo_id).text
     assert "which weights unlearning changed" in text and "merged=True" in text
+
+
+def test_unlearn_command_pushes_the_merged_model_when_asked(hub, workspace, capsys, tmp_path):
+    repo_id = unique_repo_id("grin-cli-merged")
+    argv = ["unlearn", "--model", workspace / "model", "--forget", workspace / "forget.jsonl", "--retain",
+            workspace / "retain.jsonl", "--density", "0.05", "--epochs", "1", "--output", tmp_path / "delta",
+            "--push-to-hub", repo_id, "--push-merged"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert f"pushed the merged model to {repo_id}" in capsys.readouterr().out
+    files = set(list_repo_files(repo_id))
+    assert "model.safetensors" in files and not any(f.startswith("adapter_") for f in files)
+
+
+def test_push_merged_without_a_repo_is_one_line_before_anything_loads(workspace, capsys, tmp_path):
+    argv = ["unlearn", "--model", "no/such-model", "--forget", workspace / "forget.jsonl", "--output",
+            tmp_path / "never", "--push-merged"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "give --push-to-hub REPO_ID too" in err and "\n" not in err
+    assert not (tmp_path / "never").exists()

@@ -45,6 +45,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--relearn-steps", type=int, default=50, help="optimizer steps of relearning (50)")
     p.add_argument("--relearn-lr", type=float, default=1e-5, help="relearning learning rate (1e-5)")
     p.add_argument("--relearn-method", choices=("full", "lora"), default="full")
+    p.add_argument(
+        "--relearn-data", help="JSON Lines of related data without forget items, for the second relearning attack "
+        "(default: --retain)",
+    )  # fmt: skip
     p.add_argument("--jailbreak-prefix", default=None, help="answer opener (default 'Sure, here is the answer:')")
     p.add_argument("--max-items", type=int, help="measure at most this many forget/retain/holdout items")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,6 +76,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     forget = read_items(args.forget, "forget")
     retain = read_items(args.retain, "retain")
     holdout = read_items(args.holdout, "holdout") if args.holdout else None
+    related = read_items(args.relearn_data, "relearning") if args.relearn_data else None
     model, tokenizer = load_model(args.model)
     original = None
     if args.delta:
@@ -96,6 +101,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             attacks=attacks,
             quantization_modes=modes,
             relearn_settings=settings,
+            relearn_data=related,
             jailbreak_prefix=args.jailbreak_prefix or JAILBREAK_PREFIX,
             max_items=args.max_items,
             max_new_tokens=args.max_new_tokens,

@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--forget-description", help="what is forgotten, for the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the delta to this Hub repo")
+    p.add_argument(
+        "--push-merged",
+        action="store_true",
+        help="push the merged model instead of the delta, which shows which entries unlearning changed",
+    )
     add_format_flags(p)
     p.set_defaults(func=cmd_unlearn)
 

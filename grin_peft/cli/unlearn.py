@@ -28,6 +28,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise fail(f"--threads must be a positive integer, got {args.threads}.")
     check_rho(args.sam_rho)
+    if args.push_merged and not args.push_to_hub:
+        raise fail("--push-merged says what --push-to-hub pushes; give --push-to-hub REPO_ID too.")
     forget = read_items(args.forget, "forget")
     retain = read_items(args.retain, "retain") if args.retain else None
     refusals = _read_refusals(args)
@@ -92,8 +94,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         f"delta sha256 {result.peft_model.grin_delta_sha256} (load it pinned: --expected-sha256 <this>)"
     )
     if args.push_to_hub:
-        result.peft_model.push_to_hub(args.push_to_hub)
-        print(f"pushed to {args.push_to_hub}")
+        result.peft_model.push_to_hub(args.push_to_hub, merged=args.push_merged)
+        print(f"pushed {'the merged model' if args.push_merged else 'the delta'} to {args.push_to_hub}")
     return 0
 
 
