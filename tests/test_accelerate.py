@@ -15,10 +15,8 @@ import sys
 
 import pytest
 import torch
+from cli_workspace import write_workspace
 from safetensors.torch import load_file
-
-from grin_peft.synthetic import generate_dataset, write_jsonl
-from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,13 +26,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("accelerate")
-    data = generate_dataset(num_people=6, questions_per_person=4, forget_fraction=0.34, seed=0)
-    tokenizer = train_tokenizer([f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.train], 400)
-    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(data.forget, root / "forget.jsonl")
-    write_jsonl(data.retain, root / "retain.jsonl")
+    data = write_workspace(root, questions_per_person=4)
     (root / "data.json").write_text(json.dumps({"forget": data.forget, "retain": data.retain}))
     assert len(data.forget) == 8  # one global batch of 8 per epoch: 8 in one process, 4 + 4 in two
     return root

@@ -10,23 +10,16 @@ import sys
 
 import pytest
 import torch
+from cli_workspace import write_workspace
 from safetensors.torch import load_file
 
 from grin_peft.cli import main
-from grin_peft.synthetic import generate_dataset, write_jsonl
-from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    data = generate_dataset(num_people=6, questions_per_person=3, forget_fraction=0.34, seed=0)
-    tokenizer = train_tokenizer([f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.train], 400)
-    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(data.forget, root / "forget.jsonl")
-    write_jsonl(data.retain, root / "retain.jsonl")
+    write_workspace(root)
     return root
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_workspace import write_workspace
 from hub_server import unique_repo_id
 from huggingface_hub import ModelCard, list_repo_files
 from peft import get_peft_model
@@ -13,21 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from grin_peft import GrinConfig
 from grin_peft.cli import main
-from grin_peft.synthetic import generate_dataset, write_jsonl
-from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny model folder and forget/retain JSON Lines for the command line."""
     root = tmp_path_factory.mktemp("cli_merged")
-    data = generate_dataset(num_people=6, questions_per_person=3, forget_fraction=0.34, seed=0)
-    tokenizer = train_tokenizer([f"Question: {i['question']}\nAnswer: {i['answer']}" for i in data.train], 400)
-    model = build_model(tiny_llama_config(len(tokenizer), hidden_size=32, num_layers=1, num_heads=2), seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_jsonl(data.forget, root / "forget.jsonl")
-    write_jsonl(data.retain, root / "retain.jsonl")
+    write_workspace(root)
     return root
 
 
