@@ -105,6 +105,7 @@ from common import (  # benchmarks/ is on sys.path when run as a script
 )
 from tofu_eval import SUMMARY_KEYS, cheap_evaluate, evaluate, generation_cap, parse_eval_every
 from tofu_frontier import frontier_benchmark
+from tofu_frontier_report import write_regime_summary
 from tofu_methods import (
     DEFAULT_DENSITIES,
     DEFAULT_GRID_FULL,
@@ -133,7 +134,6 @@ from tofu_reports import (
     combine_reports,
     read_report,
     report_mode,
-    write_regime_summary,
     write_report,
 )
 from tofu_runs import claim, run_and_evaluate, spawn_workers

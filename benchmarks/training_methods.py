@@ -27,8 +27,6 @@ BASE_METHODS = {
 SIZE_METHODS = ("frozen base fwd+bwd", "LoRA r=8", "GRIN 0.1%", "full fine-tuning")
 
 
-
-
 def grin_name(density: float) -> str:
     return f"GRIN {density * 100:g}%"
 
