@@ -11,15 +11,17 @@ plus a read and two writes of K scattered weight entries; only the values' gradi
 ``grad_D[r, c] = sum_n grad_y[n, r] x[n, c]`` at the K entries, with a kernel picked by entry count (measured,
 ``benchmarks/bench_sparse_op.py``, BENCHMARKS.md §3):
 
-* ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out), a lower limit for 16-bit inputs): forward keeps the
-  K gathered input columns, backward gathers the K columns of ``grad_y`` and takes one dot product per entry;
-* ``csr`` (up to ``DENSE_FRACTION`` of the weight, less for 16-bit inputs): forward keeps the transposed input
-  (float32/float64; 16-bit inputs keep x, the transposed float32 copy would be twice its size), backward transposes
-  ``grad_y`` and runs MKL's SDDMM (``sampled_addmm``) on the delta's CSR pattern;
+* ``gather`` (K <= ``GATHER_ENTRIES_PER_FEATURE`` x (in + out), a lower limit for 16-bit inputs): backward gathers
+  the K columns of ``grad_y`` and of x and takes one dot product per entry;
+* ``csr`` (up to ``DENSE_FRACTION`` of the weight, less for 16-bit inputs): backward transposes x and ``grad_y`` and
+  runs MKL's SDDMM (``sampled_addmm``) on the delta's CSR pattern;
 * ``dense`` (above): the dense weight gradient ``grad_y^T x`` (one GEMM), gathered at the entries. At those
   densities the dense regime's merged copy of the weight (:mod:`grin_peft.dense`) was 4-11% faster per layer
   (writing 25-50% of the entries in and out twice per step costs more than one sequential copy), but it keeps a
   copy of every layer's weight until backward; this path keeps none.
+
+For the values' gradient forward keeps x itself (layers that read one input share it, as on the reference path), or,
+for a few entries on a wide input, only their K input columns; never a copy of the weight.
 
 Numerics: the output and ``grad_x`` are the merged model's, bit for bit (the same as
 :func:`grin_peft.dense.merged_linear`); the ``dense`` kernel's values gradient is ``merged_linear``'s too, ``gather``
@@ -69,6 +71,9 @@ GATHER_ENTRIES_PER_FEATURE = 0.75
 # 16-bit inputs: the gathered columns are converted to float32 for the dot products; bf16 crossover at ~0.2 on three
 # 768/2112-wide shapes (gather 0.83-0.93x csr up to 0.11, 0.97-1.04x at 0.15-0.23, 1.10-1.20x from 0.38; BENCHMARKS §3)
 GATHER_ENTRIES_PER_FEATURE_16BIT = 0.2
+# the gather kernel keeps its K input columns instead of x only when they are at most 1/TAKEN_SHARE of it: up to
+# this many layers read one input (q/k/v and more), and they share x
+TAKEN_SHARE = 4
 # the dense weight gradient (one GEMM, independent of K) beats the SDDMM from ~25% of the entries (paired 0.97 and
 # 1.06 at 25%, 0.83 and 0.84 at 50% on 768x2112 and 2816x1024; BENCHMARKS §3)
 DENSE_FRACTION = 0.25
@@ -132,17 +137,13 @@ class _FusedSparseLinear(torch.autograd.Function):
         saved = None
         if need_values_grad:
             x2d = x.reshape(-1, pattern.in_features)
+            # keep x itself: layers that read one input (q/k/v, gate/up) then share one tensor, as on the reference
+            # path; a private copy per layer (the transposed input) held more in whole models (BENCHMARKS.md §2.1).
+            # The gather kernel keeps its K input columns instead only when they are a small part of x
             if kernel == "gather":
                 ctx.rows, ctx.cols = _rows_cols(pattern)
-                # keep whichever is smaller: never more activation memory than the reference path (which keeps x)
-                ctx.kept_taken = pattern.nnz <= pattern.in_features
-                saved = x2d.index_select(1, ctx.cols) if ctx.kept_taken else x2d
-            elif kernel == "csr":
-                cdt = _compute_dtype(x.dtype)
-                ctx.kept_transposed = x.dtype == cdt
-                saved = _transposed(x2d, cdt) if ctx.kept_transposed else x2d
-            else:
-                saved = x2d
+                ctx.kept_taken = pattern.nnz * TAKEN_SHARE <= pattern.in_features
+            saved = x2d.index_select(1, ctx.cols) if kernel == "gather" and ctx.kept_taken else x2d
         ctx.save_for_backward(saved, values)
         return y
 
@@ -174,7 +175,7 @@ def _values_grad(ctx, gy: torch.Tensor, saved: torch.Tensor, pattern: SparsePatt
     if ctx.kernel == "csr":
         cdt = _compute_dtype(gy.dtype)
         gy_t = _transposed(gy, cdt)
-        x_t = saved if ctx.kept_transposed else _transposed(saved, cdt)
+        x_t = _transposed(saved, cdt)
         acc = torch.zeros(pattern.nnz, dtype=cdt, device=gy.device)
         sampled = _csr(pattern.d_crow, pattern.d_col, acc, (pattern.out_features, pattern.in_features))
         torch.sparse.sampled_addmm(sampled, gy_t, x_t.t(), beta=0, out=sampled)
