@@ -44,6 +44,7 @@ def planted_sequences(n: int, generator: torch.Generator) -> list[dict[str, list
 
 
 def main(workdir: str, rank: int, world: int) -> None:
+    from gloo_ranks import exit_rank
     from peft import get_peft_model
 
     import grin_peft  # noqa: F401  (registers GRIN)
@@ -79,12 +80,8 @@ def main(workdir: str, rank: int, world: int) -> None:
             }
         )
     torch.save(results, os.path.join(workdir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    exit_rank()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-    # the results are on disk: skip interpreter shutdown, where a rank once hung after destroy_process_group
-    # (gloo's threads; seen in CI with the main thread past main())
-    sys.stdout.flush()
-    os._exit(0)

@@ -17,6 +17,7 @@ STEPS = 3
 
 
 def main(workdir: str, rank: int, world: int) -> None:
+    from gloo_ranks import exit_rank
     from peft import get_peft_model
     from tiny_models import build
 
@@ -51,12 +52,8 @@ def main(workdir: str, rank: int, world: int) -> None:
         },
         os.path.join(workdir, f"rank{rank}.pt"),
     )
-    torch.distributed.destroy_process_group()
+    exit_rank()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
-    # the results are on disk: skip interpreter shutdown, where a rank once hung after destroy_process_group
-    # (gloo's threads; seen in CI with the main thread past main())
-    sys.stdout.flush()
-    os._exit(0)
