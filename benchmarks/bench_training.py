@@ -27,6 +27,8 @@ bitsandbytes 4-bit base compares GRIN with QLoRA (LoRA r=8 on the 4-bit base).
 
 GRIN layers take the fused CPU path (grin_peft.fused); ``--reference`` densities also run a GRIN model forced onto the
 reference path (base layer + ``sparse_delta_linear``), side by side, to measure what the fused path gains.
+``--bound`` densities run a diagnostic GRIN whose values gradient is replaced by zeros: what the fused path would
+cost with a free sparse kernel, i.e. how much of GRIN's cost over the floor is the values' gradient.
 
 Targets (issues 3 and 15), printed with PASS/FAIL and the measured ratio:
   T1  GRIN step time <= 0.9 x LoRA r=8's, at every density up to 1% (issue 15; issue 3 asked for <= 1.0 x)
@@ -383,6 +385,9 @@ def main() -> None:
         "--reference", default="1e-3,1e-2", help="densities also run on the reference path ('' for none)"
     )
     parser.add_argument(
+        "--bound", default="", help="densities also run without the values' gradient (diagnostic; '' for none)"
+    )
+    parser.add_argument(
         "--baselines",
         default=",".join(BASE_METHODS),
         help="comma list of the non-GRIN methods to run (the frozen base and LoRA r=8 always run)",
@@ -441,15 +446,16 @@ def main() -> None:
 
     # ---- 1. main comparison + density sweep: one interleaved run
     reference = [float(d) for d in args.reference.split(",") if d.strip()]
-    methods = method_table(densities, reference)
+    bound = [float(d) for d in args.bound.split(",") if d.strip()]
+    methods = method_table(densities, reference, bound)
     wanted = set(args.baselines.split(",")) | {"frozen base fwd+bwd", "LoRA r=8"}
-    methods = {n: m for n, m in methods.items() if m[0] in ("grin", "grin_reference") or n in wanted}
+    methods = {n: m for n, m in methods.items() if m[0].startswith("grin") or n in wanted}
     base = build_base(spec)
     batch = make_batch(spec)
     trainers = []
     for name, (kind, param) in methods.items():
         model = copy.deepcopy(base) if kind == "full" else shared_copy(base)
-        trainers.append(Trainer(name, apply_method(model, kind, param), batch))
+        trainers.append(Trainer(name, apply_method(model, kind, param), batch, kind=kind))
     trainable = {t.name: t.trainable() for t in trainers}
     times = time_interleaved(trainers, args.steps, args.warmup, "main")
     for name in times:
@@ -468,6 +474,8 @@ def main() -> None:
     if "memory" not in skip:
         results["memory"] = {}
         for name, (kind, param) in methods.items():
+            if kind == "grin_bound":
+                continue  # a step-time diagnostic; its memory is GRIN's
             job = {"name": name, "kind": kind, "param": param, "spec": spec, "threads": args.threads}
             job["mem_steps"] = args.mem_steps
             results["memory"][name] = run_probe(job)

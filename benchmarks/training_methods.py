@@ -6,7 +6,9 @@ Imported after `bench_training.py` has set the OpenMP and allocator environment 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 
@@ -33,6 +35,24 @@ def grin_name(density: float) -> str:
 
 def reference_name(density: float) -> str:
     return f"GRIN {density * 100:g}% (reference path)"
+
+
+def bound_name(density: float) -> str:
+    return f"GRIN {density * 100:g}% without the values' gradient (bound)"
+
+
+@contextlib.contextmanager
+def values_gradient_skipped() -> Iterator[None]:
+    """A diagnostic, never a method: the fused path's values gradient replaced by zeros (forward, the written-in
+    windows and grad_x unchanged), so the step costs what the fused path would cost with a free sparse kernel."""
+    import grin_peft.fused as fused
+
+    kernel = fused._values_grad
+    fused._values_grad = lambda ctx, gy, saved, pattern: torch.zeros(pattern.nnz, dtype=torch.float32)
+    try:
+        yield
+    finally:
+        fused._values_grad = kernel
 
 
 def intermediate_for(hidden: int) -> int:
@@ -104,7 +124,7 @@ def apply_method(base: torch.nn.Module, kind: str, param) -> torch.nn.Module:
         for p in base.parameters():
             p.requires_grad_(True)
         return base
-    if kind in ("grin", "grin_reference"):
+    if kind in ("grin", "grin_reference", "grin_bound"):
         config = grin_peft.GrinConfig(target_modules="all-linear", density=param, score="random", noise_std=0.0)
     elif kind == "lora":
         config = peft.LoraConfig(target_modules="all-linear", r=param, lora_alpha=2 * param, lora_dropout=0.0)
@@ -122,14 +142,19 @@ def apply_method(base: torch.nn.Module, kind: str, param) -> torch.nn.Module:
     return model
 
 
-def method_table(densities: list[float], reference: list[float] = ()) -> dict[str, tuple[str, object]]:
+def method_table(
+    densities: list[float], reference: list[float] = (), bound: list[float] = ()
+) -> dict[str, tuple[str, object]]:
     methods = dict(BASE_METHODS)
     for d in densities:
         methods[grin_name(d)] = ("grin", d)
     for d in reference:
         methods[reference_name(d)] = ("grin_reference", d)
+    for d in bound:
+        methods[bound_name(d)] = ("grin_bound", d)
     order = ["frozen base fwd+bwd", "LoRA r=8", "LoRA r=64"]
     order += [grin_name(d) for d in densities] + [reference_name(d) for d in reference]
+    order += [bound_name(d) for d in bound]
     order += ["SHiRA (=GRIN 1%)", "Super-Tuning (=GRIN 1%)", "full fine-tuning"]
     return {name: methods[name] for name in order}
 
@@ -137,14 +162,16 @@ def method_table(densities: list[float], reference: list[float] = ()) -> dict[st
 class Trainer:
     """One method's model + AdamW; `step()` runs one full training step."""
 
-    def __init__(self, name: str, model: torch.nn.Module, batch: dict, lr: float = 1e-4):
+    def __init__(self, name: str, model: torch.nn.Module, batch: dict, lr: float = 1e-4, kind: str = ""):
         self.name, self.model, self.batch = name, model.train(), batch
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr) if self.params else None
+        self.skip_values_gradient = kind == "grin_bound"
 
     def step(self) -> float:
-        out = self.model(**self.batch)
-        out.loss.backward()
+        with values_gradient_skipped() if self.skip_values_gradient else contextlib.nullcontext():
+            out = self.model(**self.batch)
+            out.loss.backward()
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)

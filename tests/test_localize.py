@@ -922,3 +922,17 @@ def test_per_example_statistics_do_not_depend_on_the_row_blocking(kind, monkeypa
         for name, tensor in values.items():
             assert torch.equal(tensor, results[1][k][name]), (k, name)
             assert tensor.abs().sum() > 0, (k, name)
+
+
+def test_the_accumulators_finiteness_check_sees_nan_and_inf_at_any_position():
+    from grin_peft.localize.statistics import _all_finite
+
+    for size in (1, 7, 33, 4099):
+        clean = torch.rand(size, dtype=torch.float32) * 1e30
+        assert _all_finite(clean)
+        for position in {0, size // 2, size - 1}:
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                broken = clean.clone()
+                broken[position] = bad
+                assert not _all_finite(broken), (size, position, bad)
+    assert _all_finite(torch.empty(0))
