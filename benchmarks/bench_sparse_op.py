@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from grin_peft.dense import merged_linear
 from grin_peft.fused import fused_sparse_linear
-from grin_peft.sparse import SparsePattern, sparse_delta_linear
+from grin_peft.sparse import sparse_delta_linear
+from grin_peft.sparse_pattern import SparsePattern
 
 METHODS = ("GRIN", "LoRA", "scatter", "dense", "delta", "fused", "fused-gather", "fused-csr", "fused-dense")
 

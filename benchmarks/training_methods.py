@@ -188,7 +188,7 @@ def grin_entries(model: torch.nn.Module) -> int:
 def grin_held_bytes(model: torch.nn.Module) -> int:
     """Bytes GRIN holds per entry set beyond the 20-byte formula's: indices, base values, CSR pattern (all layers)."""
     from grin_peft.layer import GrinLayer
-    from grin_peft.sparse import _TENSOR_FIELDS
+    from grin_peft.sparse_pattern import _TENSOR_FIELDS
 
     total = 0
     for module in model.modules():

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .errors import GrinError
-from .sparse import SparsePattern, _compute_dtype, _csr, _rows_cols
+from .sparse import _compute_dtype, _csr
+from .sparse_pattern import SparsePattern, _rows_cols
 
 __all__ = [
     "DENSE_FRACTION",

@@ -21,7 +21,8 @@ from .bnb_layout import dequantize
 from .dense import merged_linear
 from .errors import GrinError
 from .fused import fused_sparse_linear
-from .sparse import SparsePattern, _autocast_dtype, sparse_delta_dense, sparse_delta_linear
+from .sparse import _autocast_dtype, sparse_delta_dense, sparse_delta_linear
+from .sparse_pattern import SparsePattern
 
 INT32_MAX = torch.iinfo(torch.int32).max
 

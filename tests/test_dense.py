@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from grin_peft.dense import merged_linear, merged_weight
 from grin_peft.errors import GrinError
-from grin_peft.sparse import SparsePattern, sparse_delta_linear
+from grin_peft.sparse import sparse_delta_linear
+from grin_peft.sparse_pattern import SparsePattern
 
 
 def setup(out_features, in_features, density, transposed=False, dtype=torch.float32, seed=0, tokens=64):

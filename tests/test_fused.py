@@ -17,7 +17,8 @@ import grin_peft.fused as fused_module
 from grin_peft import GrinError
 from grin_peft.dense import merged_linear
 from grin_peft.fused import fused_sparse_linear, pick_kernel
-from grin_peft.sparse import SparsePattern, sparse_delta_linear
+from grin_peft.sparse import sparse_delta_linear
+from grin_peft.sparse_pattern import SparsePattern
 
 KERNELS = ["gather", "csr", "dense"]
 

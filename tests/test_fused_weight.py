@@ -20,7 +20,7 @@ from torch import nn
 
 from grin_peft import GrinConfig, GrinLayer
 from grin_peft.fused import fused_sparse_linear
-from grin_peft.sparse import SparsePattern
+from grin_peft.sparse_pattern import SparsePattern
 
 
 def base_hash(model: nn.Module) -> str:

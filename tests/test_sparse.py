@@ -6,17 +6,14 @@ Conv1D-style patterns), which is the definition of what the op computes.
 
 from __future__ import annotations
 
-import copy
-import pickle
-import threading
-
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import grin_peft.sparse as sparse_module
 from grin_peft.errors import GrinError
-from grin_peft.sparse import SparsePattern, sparse_delta_dense, sparse_delta_linear
+from grin_peft.sparse import sparse_delta_dense, sparse_delta_linear
+from grin_peft.sparse_pattern import SparsePattern
 
 
 def random_indices(out_features: int, in_features: int, nnz: int, seed: int = 0) -> torch.Tensor:
@@ -318,13 +315,7 @@ def test_training_step_never_allocates_anything_near_out_by_in():
     assert values.grad is not None and x.grad is not None
 
 
-# ----------------------------------------------------------------------------------------------- the pattern object
-
-
-def test_pattern_records_its_shape_and_size():
-    pattern = SparsePattern.from_flat_indices(random_indices(9, 7, 12), 9, 7, transposed=True)
-    assert (pattern.out_features, pattern.in_features, pattern.nnz, pattern.transposed) == (9, 7, 12, True)
-    assert "nnz=12" in repr(pattern)
+# ----------------------------------------------------------------------------------------------- the dense delta
 
 
 def test_dense_delta_uses_the_weight_storage_layout():
@@ -339,81 +330,7 @@ def test_dense_delta_uses_the_weight_storage_layout():
         assert int(torch.count_nonzero(dense)) == 3
 
 
-def test_pattern_is_shared_not_copied():
-    pattern = SparsePattern.from_flat_indices(random_indices(9, 7, 12), 9, 7)
-    assert copy.deepcopy(pattern) is pattern and copy.copy(pattern) is pattern
-    assert pattern.to("cpu") is pattern
-
-
-def test_pattern_ignores_later_edits_to_the_callers_indices():
-    indices = torch.tensor([0, 5, 9])
-    pattern = SparsePattern.from_flat_indices(indices, 3, 4)
-    indices[1] = 6
-    assert pattern.indices.tolist() == [0, 5, 9]
-    dense = sparse_delta_dense(torch.ones(3), pattern)
-    assert dense.reshape(-1).nonzero().flatten().tolist() == [0, 5, 9]
-
-
-def test_pattern_survives_pickling():
-    pattern = SparsePattern.from_flat_indices(random_indices(9, 7, 12), 9, 7, transposed=True)
-    clone = pickle.loads(pickle.dumps(pattern))
-    x, values = torch.randn(3, 7), torch.randn(12)
-    torch.testing.assert_close(sparse_delta_linear(x, values, clone), sparse_delta_linear(x, values, pattern))
-
-
-def test_one_pattern_serves_concurrent_threads():
-    pattern = SparsePattern.from_flat_indices(random_indices(64, 48, 200), 64, 48, transposed=True)
-    x, values = torch.randn(20, 48), torch.randn(200)
-    expected = sparse_delta_linear(x, values, pattern)
-    results, errors = [], []
-
-    def worker():
-        try:
-            for _ in range(20):
-                results.append(sparse_delta_linear(x, values, pattern))
-        except Exception as error:  # surfaced below: a thread's exception would otherwise be lost
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    assert len(results) == 80 and all(torch.equal(result, expected) for result in results)
-
-
 # ----------------------------------------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize(
-    "indices, match",
-    [
-        (torch.tensor([3, 2, 7]), "strictly increasing"),
-        (torch.tensor([1, 4, 4]), "strictly increasing"),
-        (torch.tensor([-1, 3]), "out of range"),
-        (torch.tensor([0, 12]), "out of range"),
-        (torch.tensor([[0, 1], [2, 3]]), "1-D"),
-        (torch.tensor([0.0, 1.0]), "int32 or int64"),
-        (torch.tensor([True, False]), "int32 or int64"),
-        ([0, 1, 2], "torch.Tensor"),
-    ],
-    ids=["unsorted", "duplicate", "negative", "past-the-end", "2-D", "float", "bool", "list"],
-)
-def test_invalid_indices_are_refused(indices, match):
-    with pytest.raises(GrinError, match=match):
-        SparsePattern.from_flat_indices(indices, 3, 4)
-
-
-@pytest.mark.parametrize("out_features, in_features", [(0, 4), (3, -1), (3.0, 4), (True, 4)])
-def test_invalid_shape_is_refused(out_features, in_features):
-    with pytest.raises(GrinError, match="positive int"):
-        SparsePattern.from_flat_indices(torch.tensor([0]), out_features, in_features)
-
-
-def test_grin_error_is_a_value_error():
-    with pytest.raises(ValueError):
-        SparsePattern.from_flat_indices(torch.tensor([2, 1]), 3, 4)
 
 
 @pytest.mark.parametrize(
