@@ -25,8 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
-from grin_peft.fused import SparsePattern, _values_grad
-from grin_peft.sparse import _rows_cols
+from grin_peft.fused import _values_grad
+from grin_peft.sparse_pattern import SparsePattern, _rows_cols
 
 TILE = 64
 C_SOURCE = r"""
