@@ -38,9 +38,10 @@ from typing import Any
 import bench_tofu  # noqa: E402
 import torch
 from audit_tradeoff import plot_tradeoff, render_tradeoff
-from common import REPO, Method, atomic_write, environment, log, run_method  # benchmarks/ is on sys.path
+from common import REPO, atomic_write, environment, log  # benchmarks/ is on sys.path
 from tofu_eval import generation_cap
 from tofu_models import localize_sample
+from unlearning_runs import Method, run_method
 
 from grin_peft.audit import RelearnSettings, audit, floor_to_bin_width  # noqa: E402
 from grin_peft.data import QAFormat, load_tofu  # noqa: E402

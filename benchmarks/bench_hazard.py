@@ -52,7 +52,6 @@ import numpy as np
 import torch
 from common import (  # benchmarks/ is on sys.path when run as a script
     REPO,
-    Method,
     atomic_write,
     cache_root,
     cached_dir,
@@ -61,15 +60,14 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     json_safe,
     load_average,
     markdown_table,
-    memorise,
     quiet_transformers,
-    run_method,
     set_threads,
     settings_key,
 )
 from frontier import summarise
 from tofu_eval import TrajectoryCallback
 from tofu_methods import OBJECTIVE_LABELS, frontier_methods, split_names
+from unlearning_runs import Method, memorise, run_method
 
 import grin_peft  # noqa: F401,E402  (registers GRIN with PEFT)
 from grin_peft.data import QAFormat, load_pku, load_tofu, load_wmdp  # noqa: E402

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Method, atomic_write, log, quiet_transformers, run_method, set_threads  # benchmarks/ on sys.path
+from common import atomic_write, log, quiet_transformers, set_threads  # benchmarks/ on sys.path
 from tofu_models import DEFAULT_DATA, REPO, TinySettings, load_or_train, tiny_setup
+from unlearning_runs import Method, run_method
 
 from grin_peft.data import QAFormat, load_tofu, load_tofu_eval_splits  # noqa: E402
 from grin_peft.ledger import Ledger  # noqa: E402

@@ -96,7 +96,6 @@ from typing import Any
 
 from common import (  # benchmarks/ is on sys.path when run as a script
     REPO,
-    Method,
     default_device,
     environment,
     load_average,
@@ -137,6 +136,7 @@ from tofu_reports import (
     write_report,
 )
 from tofu_runs import claim, run_and_evaluate, spawn_workers
+from unlearning_runs import Method
 
 from grin_peft.data import load_tofu
 from grin_peft.metrics import MIA_ATTACKS

@@ -20,13 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import Method, atomic_write, environment, json_safe, load_average, log  # benchmarks/ is on sys.path
+from common import atomic_write, environment, json_safe, load_average, log  # benchmarks/ is on sys.path
 from tofu_eval import answer_probabilities, evaluate, generation_cap
 from tofu_frontier_report import frontier_summary
 from tofu_methods import frontier_families
 from tofu_models import FORGET_TO_RETAIN, load_models, task_data
 from tofu_reports import write_report
 from tofu_runs import claim, evaluate_checkpoint, frontier_run, spawn_workers
+from unlearning_runs import Method
 
 from grin_peft.metrics import MIA_ATTACKS
 

@@ -30,7 +30,7 @@ import math
 import re
 from typing import Any
 
-from common import Method  # benchmarks/ is on sys.path when run as a script
+from unlearning_runs import Method  # benchmarks/ is on sys.path when run as a script
 
 from grin_peft.config import PAPER_PRESET
 

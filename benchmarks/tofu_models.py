@@ -34,11 +34,11 @@ from common import (  # benchmarks/ is on sys.path when run as a script
     default_device,
     file_digest,
     log,
-    memorise,
     quiet_transformers,
     settings_key,
     worker_env,
 )
+from unlearning_runs import memorise
 
 import grin_peft  # noqa: F401,E402  (registers GRIN with PEFT)
 from grin_peft.data import QAFormat, load_tofu  # noqa: E402

@@ -28,15 +28,14 @@ from typing import Any
 import torch
 from common import (  # benchmarks/ is on sys.path when run as a script
     HERE,
-    Method,
     log,
     quiet_transformers,
-    run_method,
     worker_env,
 )
 from tofu_eval import TrajectoryCallback, answer_probabilities
 from tofu_methods import selector_of
 from tofu_models import localize_sample
+from unlearning_runs import Method, run_method
 
 PEFT_KINDS = ("lora", "fila", "grin", "auto")
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench_hazard  # noqa: E402
 import bench_tofu  # noqa: E402
-import common  # noqa: E402
+import unlearning_runs  # noqa: E402
 
 SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
 
@@ -523,7 +523,7 @@ def test_full_parameter_npo_uses_the_frozen_reference(tiny, tmp_path):
 def test_ssd_dampens_only_forget_specific_weights(tiny):
     base, fmt, forget, retain = tiny
     model = copy.deepcopy(base)
-    info = common.ssd_dampen(model, fmt, forget, forget + retain, alpha=1.0, lam=1.0)
+    info = unlearning_runs.ssd_dampen(model, fmt, forget, forget + retain, alpha=1.0, lam=1.0)
     assert 0 < info["ssd_dampened_entries"] < info["ssd_candidate_entries"]
     ratios = torch.cat(
         [
@@ -593,13 +593,15 @@ def test_a_lora_run_starts_from_the_same_adapter_whatever_ran_before_it(tiny, tm
     """LoRA's A matrices come from torch's global RNG: the run's seed fixes them, not the process's history."""
     base, fmt, forget, retain = tiny
     make = lambda: copy.deepcopy(base)  # noqa: E731
-    method = common.Method("LoRA", "lora", "npo", 1e-3, lora={"r": 2, "lora_alpha": 4})
+    method = unlearning_runs.Method("LoRA", "lora", "npo", 1e-3, lora={"r": 2, "lora_alpha": 4})
     train = {"max_steps": 1, "per_device_train_batch_size": 4, "use_cpu": True, "num_threads": 1, "seed": 3}
     runs = []
     for history in (0, 1):
         torch.manual_seed(100 + history)
         torch.rand(history + 1)  # a different RNG state before each run
-        model, _ = common.run_method(method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "w"))
+        model, _ = unlearning_runs.run_method(
+            method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "w")
+        )
         runs.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
     assert runs[0] and runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
@@ -611,9 +613,11 @@ def test_fila_run_saves_a_plain_lora_that_reproduces_it_on_the_original_base(tin
 
     base, fmt, forget, retain = tiny
     make = lambda: copy.deepcopy(base)  # noqa: E731
-    method = common.Method("LoKU", "fila", "ihl", 1e-2, lora={"r": 2, "lora_alpha": 4})
+    method = unlearning_runs.Method("LoKU", "fila", "ihl", 1e-2, lora={"r": 2, "lora_alpha": 4})
     train = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "use_cpu": True, "num_threads": 1, "seed": 0}
-    model, info = common.run_method(method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "work"))
+    model, info = unlearning_runs.run_method(
+        method, make, fmt, forget, retain, train=train, workdir=str(tmp_path / "work")
+    )
     assert info["steps"] == 2 and info["fila"]["data"]["forget"]["units"] == len(forget)
     ids = torch.tensor([fmt.encode(forget[0]["question"], forget[0]["answer"])["input_ids"]])
     with torch.no_grad():
