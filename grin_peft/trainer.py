@@ -40,7 +40,8 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 
 from .data import EncodedQA, QACollator, QAFormat, as_format
 from .errors import GrinError, remedy
-from .objectives import ObjectiveInputs, UnlearningObjective, get_objective, sequence_nll
+from .losses import sequence_nll
+from .objectives import ObjectiveInputs, UnlearningObjective, get_objective
 from .paired_data import PairedCollator, PairedSampler, PairedUnlearningDataset, encode_dataset
 from .sharpness import check_rho, sharpness_aware_step
 from .threads import torch_threads

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from grin_peft import GrinConfig
 from grin_peft.data import IGNORE_INDEX
 from grin_peft.errors import GrinError
-from grin_peft.objectives import batch_nll
+from grin_peft.losses import batch_nll
 from grin_peft.sharpness import check_rho, perturbation
 from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
 

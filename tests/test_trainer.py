@@ -22,7 +22,8 @@ from transformers import TrainerCallback, TrainingArguments
 from grin_peft import GrinConfig, metrics
 from grin_peft.data import IGNORE_INDEX, QAFormat, encode_items
 from grin_peft.errors import GrinError
-from grin_peft.objectives import NPO, ObjectiveInputs, sequence_nll
+from grin_peft.losses import sequence_nll
+from grin_peft.objectives import NPO, ObjectiveInputs
 from grin_peft.trainer import UnlearningArguments, UnlearningTrainer, unlearn_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
