@@ -377,6 +377,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the base model's weights (main comparison)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after warmup)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--mem-steps", type=int, default=2, help="training steps per memory subprocess")
@@ -423,6 +429,7 @@ def main() -> None:
         "vocab": args.vocab,
         "batch": args.batch,
         "seq": args.seq,
+        "dtype": args.dtype,
     }
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/bench_training.py"] + sys.argv[1:])
     results: dict = {

@@ -74,7 +74,7 @@ def build_base(spec: dict) -> torch.nn.Module:
         max_position_embeddings=max(spec["seq"], 128),
         tie_word_embeddings=False,
     )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.get("dtype", "float32")))
 
 
 def load_4bit(path: str) -> torch.nn.Module:

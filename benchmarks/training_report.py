@@ -36,7 +36,8 @@ def report(results: dict, densities: list[float], out_dir: str) -> None:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Model: {spec_str(spec)}, {results['model_params'] / 1e6:.1f}M parameters, float32, CPU, "
+        f"Model: {spec_str(spec)}, {results['model_params'] / 1e6:.1f}M parameters, "
+        f"{spec.get('dtype', 'float32')}, CPU, "
         f"{results['environment']['threads']} torch threads, machine shared with other jobs (load average "
         f"{results['environment']['loadavg_start'][0]:.1f} at start, {results['environment']['loadavg_end'][0]:.1f} "
         f"at end on {results['environment']['cpu_count']} cores). "
