@@ -220,7 +220,7 @@ def probe(job: dict) -> dict:
         result["entries"] = grin_entries(model)
         result["grin_held_bytes"] = grin_held_bytes(model)
     if kind == "full":
-        result["adapter_bytes"] = sum(p.numel() * 4 for p in model.parameters())
+        result["adapter_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     elif kind != "frozen":
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
@@ -517,7 +517,13 @@ def main() -> None:
 
     # ---- 4. bitsandbytes 4-bit base: GRIN vs QLoRA
     if "q4" not in skip:
-        qspec = dict(spec, hidden=args.q4_hidden, layers=args.q4_layers, intermediate=intermediate_for(args.q4_hidden))
+        qspec = dict(
+            spec,
+            hidden=args.q4_hidden,
+            layers=args.q4_layers,
+            intermediate=intermediate_for(args.q4_hidden),
+            dtype="float32",
+        )  # 4-bit weights with float32 compute, whatever --dtype says
         qdir = tempfile.mkdtemp(prefix="bench_training_q4_")
         try:
             build_base(qspec).save_pretrained(qdir)

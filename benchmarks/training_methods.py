@@ -48,7 +48,9 @@ def values_gradient_skipped() -> Iterator[None]:
     import grin_peft.fused as fused
 
     kernel = fused._values_grad
-    fused._values_grad = lambda ctx, gy, saved, pattern: torch.zeros(pattern.nnz, dtype=torch.float32)
+    fused._values_grad = lambda ctx, gy, saved, pattern: torch.zeros(
+        pattern.nnz, dtype=torch.float32, device=gy.device
+    )
     try:
         yield
     finally:

@@ -62,9 +62,9 @@ def run_ranks(script: str, workdir: Path, world: int = 2, timeout: float = 240.0
 def exit_rank() -> None:
     """End a rank whose results are on disk without tearing anything down.
 
-    Once every rank has passed the barrier no collective is pending, so the rank exits at once: destroying the process
-    group, or DDP's reducer when ``main`` returns, once left rank 0 hanging in C code in CI (twice, each time after
-    its results were saved).
+    Past the barrier every rank has finished its collectives (DDP's all-reduce completes inside ``backward``) and this
+    rank's last barrier message is on the wire, so it exits at once: destroying the process group, or DDP's reducer
+    when ``main`` returns, once left rank 0 hanging in C code in CI (twice, each time after its results were saved).
     """
     import torch.distributed
 
