@@ -286,7 +286,8 @@ def lora_stacked(ctx: dict[str, Any], args: argparse.Namespace, work: Path) -> d
     from peft import LoraConfig, get_peft_model
     from transformers.trainer_callback import PrinterCallback
 
-    from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+    from grin_peft.trainer import UnlearningTrainer
+    from grin_peft.unlearning_args import UnlearningArguments
 
     config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     model, names, steps = None, [], []

@@ -48,7 +48,8 @@ from grin_peft.data import QAFormat, load_tofu  # noqa: E402
 from grin_peft.operating_point import OperatingPoint, search, split_heldout  # noqa: E402
 from grin_peft.paired_data import encode_dataset  # noqa: E402
 from grin_peft.synthetic import write_jsonl  # noqa: E402
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer  # noqa: E402
+from grin_peft.trainer import UnlearningTrainer  # noqa: E402
+from grin_peft.unlearning_args import UnlearningArguments  # noqa: E402
 
 MODEL_LABELS = {
     "demo": "demo (10 forget / 90 retain)",

@@ -195,7 +195,8 @@ def run_method(
     from peft import LoraConfig, get_peft_model
 
     from grin_peft import GrinConfig
-    from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+    from grin_peft.trainer import UnlearningTrainer
+    from grin_peft.unlearning_args import UnlearningArguments
 
     started = time.perf_counter()
     model = make_base()

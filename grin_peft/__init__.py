@@ -22,7 +22,7 @@ register()
 
 _LAZY = {
     "UnlearningTrainer": "trainer",
-    "UnlearningArguments": "trainer",
+    "UnlearningArguments": "unlearning_args",
     "unlearn": "pipeline",
     "OperatingPoint": "operating_point",
     "UnlearnResult": "pipeline",

@@ -32,7 +32,8 @@ from .errors import GrinError
 from .operating_point import OperatingPoint, search, split_heldout
 from .paired_data import encode_dataset
 from .threads import with_thread_rule
-from .trainer import UnlearningArguments, UnlearningTrainer, check_refusals
+from .trainer import UnlearningTrainer, check_refusals
+from .unlearning_args import UnlearningArguments
 
 # Localisation reads at most max(len(forget), this) retain items by default (a seeded sample): per-example gradient
 # statistics over a whole retain set (TOFU's retain90 is 3,600 items) cost more than the unlearning itself.
@@ -144,7 +145,7 @@ def unlearn(
             standard); with ``training_args`` it must agree with ``training_args.objective``.
         tokenizer: a tokenizer or a :class:`~grin_peft.data.QAFormat`, to encode raw items (chat template when the
             tokenizer has one) and for checkpoints.
-        training_args: full control over training. Without it, :class:`~grin_peft.trainer.UnlearningArguments`
+        training_args: full control over training. Without it, :class:`~grin_peft.unlearning_args.UnlearningArguments`
             are built from ``output_dir`` and ``**kw`` (any of its fields: ``learning_rate``, ``num_train_epochs``,
             ``beta``, ``retain_weight``, ``num_threads``, ...) on top of its defaults (lr 1e-2, 10 epochs, batch 8).
         output_dir: where checkpoints and the final adapter go. None (default) keeps everything in memory: no

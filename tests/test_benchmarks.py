@@ -21,7 +21,8 @@ from grin_peft.data import QAFormat
 from grin_peft.errors import GrinError
 from grin_peft.synthetic import generate_dataset, write_jsonl
 from grin_peft.tiny import build_model, tiny_llama_config, train_tokenizer
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+from grin_peft.trainer import UnlearningTrainer
+from grin_peft.unlearning_args import UnlearningArguments
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

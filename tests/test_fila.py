@@ -163,7 +163,8 @@ def test_converted_adapter_reproduces_the_trained_model_on_the_original_base(tmp
 
 def test_fila_then_ihl_lowers_forget_probability(memorised, tmp_path):
     from grin_peft import metrics
-    from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+    from grin_peft.trainer import UnlearningTrainer
+    from grin_peft.unlearning_args import UnlearningArguments
 
     ds, tok = memorised.dataset, memorised.tokenizer
     model = get_peft_model(copy.deepcopy(memorised.model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

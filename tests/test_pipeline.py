@@ -17,7 +17,8 @@ from grin_peft import GrinConfig, metrics
 from grin_peft.data import QAFormat, encode_items
 from grin_peft.errors import GrinError
 from grin_peft.pipeline import UnlearnResult, unlearn
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+from grin_peft.trainer import UnlearningTrainer
+from grin_peft.unlearning_args import UnlearningArguments
 
 # Settings measured to unlearn the 10 forget items of the tiny target in 60 steps (~5 s on one thread).
 FAST = dict(

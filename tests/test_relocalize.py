@@ -22,7 +22,8 @@ from grin_peft.localize.pipeline import compute_scores, current_scores
 from grin_peft.localize.select import free_to_index, select_growth
 from grin_peft.noise import noise_values
 from grin_peft.relocalize import RelocalizeCallback, replace_in_optimizer
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+from grin_peft.trainer import UnlearningTrainer
+from grin_peft.unlearning_args import UnlearningArguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

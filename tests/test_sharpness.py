@@ -20,7 +20,8 @@ from grin_peft.data import IGNORE_INDEX
 from grin_peft.errors import GrinError
 from grin_peft.losses import batch_nll
 from grin_peft.sharpness import check_rho, perturbation
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer
+from grin_peft.trainer import UnlearningTrainer
+from grin_peft.unlearning_args import UnlearningArguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

@@ -12,7 +12,7 @@ import grin_peft.threads as threads_module
 from grin_peft.errors import GrinError
 from grin_peft.pipeline import unlearn
 from grin_peft.threads import choose_threads, torch_threads, with_thread_rule
-from grin_peft.trainer import UnlearningArguments
+from grin_peft.unlearning_args import UnlearningArguments
 
 
 @pytest.fixture(autouse=True)

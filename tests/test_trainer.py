@@ -24,7 +24,8 @@ from grin_peft.data import IGNORE_INDEX, QAFormat, encode_items
 from grin_peft.errors import GrinError
 from grin_peft.losses import sequence_nll
 from grin_peft.objectives import NPO, ObjectiveInputs
-from grin_peft.trainer import UnlearningArguments, UnlearningTrainer, unlearn_score
+from grin_peft.trainer import UnlearningTrainer
+from grin_peft.unlearning_args import UnlearningArguments, unlearn_score
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
