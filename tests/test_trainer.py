@@ -252,15 +252,6 @@ def test_objective_parts_are_logged(memorised, tmp_path):
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def test_unlearn_score_definitions():
-    assert unlearn_score(0.2, 0.9) == pytest.approx(0.7)
-    assert unlearn_score(0.2, 0.9, "harmonic") == pytest.approx(2 * 0.8 * 0.9 / 1.7)
-    assert unlearn_score(1.0, 0.9, "harmonic") == 0.0  # nothing forgotten
-    assert unlearn_score(0.0, 0.0, "harmonic") == 0.0  # everything forgotten, retain included
-    with pytest.raises(GrinError, match="criterion"):
-        unlearn_score(0.1, 0.9, "ratio")
-
-
 @pytest.mark.parametrize("criterion", ["difference", "harmonic"])
 def test_evaluate_reports_answer_probabilities_and_the_criterion(memorised, tmp_path, criterion):
     ds, tok = memorised.dataset, memorised.tokenizer
@@ -360,14 +351,6 @@ def test_bad_input_raises_grin_error(memorised, tmp_path):
 
     with pytest.raises(GrinError, match="forget set is empty"):
         trainer(forget=[])
-    with pytest.raises(GrinError, match="unknown objective"):
-        make_args(tmp_path, objective="forget_everything")
-    with pytest.raises(GrinError, match="no hyper-parameter beta"):
-        make_args(tmp_path, objective="grad_diff", beta=0.5)
-    with pytest.raises(GrinError, match="unlearn_criterion"):
-        make_args(tmp_path, unlearn_criterion="ratio")
-    with pytest.raises(GrinError, match="num_threads"):
-        make_args(tmp_path, num_threads=0)
     with pytest.raises(GrinError, match="refusals="):
         trainer(arg_kw={"objective": "idk_nll"})
     with pytest.raises(GrinError, match="list of strings"):
