@@ -531,13 +531,13 @@ def test_ordinary_module_regexes_still_pass():
 
 def test_the_delta_is_read_once_and_what_was_verified_is_what_loads(delta, monkeypatch):
     original = load_file(delta / WEIGHTS)
-    real_check = grin_peft.model.GrinModel._check_delta
+    real_check = grin_peft.model.check_delta
 
     def check_then_swap(*args):  # the file changes between the check and the load
         real_check(*args)
         sign(delta, lambda t: [v.mul_(3) for k, v in t.items() if k.endswith("grin_values")])
 
-    monkeypatch.setattr(grin_peft.model.GrinModel, "_check_delta", staticmethod(check_then_swap))
+    monkeypatch.setattr(grin_peft.model, "check_delta", check_then_swap)
     loaded = PeftModel.from_pretrained(build("llama"), delta)
     for name, layer in loaded.base_model.grin_layers().items():
         assert torch.equal(layer.grin_values["default"], original[f"base_model.model.{name}.grin_values"]), name
