@@ -47,14 +47,7 @@ from .sharpness import sharpness_aware_step
 from .threads import torch_threads
 from .unlearning_args import UnlearningArguments, unlearn_score
 
-__all__ = [
-    "PairedCollator",
-    "PairedSampler",
-    "PairedUnlearningDataset",
-    "UnlearningTrainer",
-    "check_refusals",
-    "encode_dataset",
-]
+__all__ = ["UnlearningTrainer", "check_refusals"]
 
 
 class UnlearningTrainer(Trainer):
