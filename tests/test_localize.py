@@ -925,14 +925,14 @@ def test_per_example_statistics_do_not_depend_on_the_row_blocking(kind, monkeypa
 
 
 def test_the_accumulators_finiteness_check_sees_nan_and_inf_at_any_position():
-    from grin_peft.localize.statistics import _all_finite
+    from grin_peft.localize.select import all_finite
 
     for size in (1, 7, 33, 4099):
         clean = torch.rand(size, dtype=torch.float32) * 1e30
-        assert _all_finite(clean)
+        assert all_finite(clean)
         for position in {0, size // 2, size - 1}:
             for bad in (float("nan"), float("inf"), -float("inf")):
                 broken = clean.clone()
                 broken[position] = bad
-                assert not _all_finite(broken), (size, position, bad)
-    assert _all_finite(torch.empty(0))
+                assert not all_finite(broken), (size, position, bad)
+    assert all_finite(torch.empty(0))

@@ -54,9 +54,18 @@ def topk_deterministic(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.cat([above, ties])).values
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """``isfinite(t).all()`` in one read pass without a temporary: min and max propagate NaN and reach +-inf
+    (``isfinite`` costs two passes and a mask the size of the weight, ~1.5% of a bf16 scoring pass)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_finite(name: str, scores: torch.Tensor) -> None:
     """Non-finite scores mean non-finite gradients upstream: stop rather than select garbage."""
-    if not bool(torch.isfinite(scores).all()):
+    if not all_finite(scores):
         raise GrinError(f"{name}: scores contain NaN or Inf (non-finite gradients?).")
 
 
