@@ -9,11 +9,11 @@ backward), two threads running the model at once, several adapters, 16-bit weigh
 from __future__ import annotations
 
 import hashlib
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from concurrency import run_on_threads
 from peft import get_peft_model
 from tiny_models import build, example_input, output
 from torch import nn
@@ -215,21 +215,12 @@ def test_two_threads_running_one_model_leave_the_base_as_it_was():
     inputs = example_input("llama")
     with torch.no_grad():
         expected = output(model, inputs)
-    outputs, errors = [], []
 
     def run():
-        try:
-            with torch.no_grad():
-                for _ in range(20):
-                    outputs.append(output(model, inputs))
-        except Exception as error:  # reported below, not swallowed
-            errors.append(error)
+        with torch.no_grad():
+            return [output(model, inputs) for _ in range(20)]
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outputs, errors = run_on_threads(run, 2)
     assert not errors and len(outputs) == 40
     assert all(torch.equal(out, expected) for out in outputs)
     assert base_hash(model) == before

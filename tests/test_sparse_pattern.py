@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import copy
 import pickle
-import threading
 
 import pytest
 import torch
+from concurrency import run_on_threads
 from test_sparse import random_indices
 
 from grin_peft.errors import GrinError
@@ -58,20 +58,7 @@ def test_one_pattern_serves_concurrent_threads():
     pattern = SparsePattern.from_flat_indices(random_indices(64, 48, 200), 64, 48, transposed=True)
     x, values = torch.randn(20, 48), torch.randn(200)
     expected = sparse_delta_linear(x, values, pattern)
-    results, errors = [], []
-
-    def worker():
-        try:
-            for _ in range(20):
-                results.append(sparse_delta_linear(x, values, pattern))
-        except Exception as error:  # surfaced below: a thread's exception would otherwise be lost
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results, errors = run_on_threads(lambda: [sparse_delta_linear(x, values, pattern) for _ in range(20)], 4)
     assert not errors
     assert len(results) == 80 and all(torch.equal(result, expected) for result in results)
 
