@@ -232,6 +232,8 @@ def unlearn(
                 record = run.search(point, training_args, kw, refusals, callbacks, log)
                 before = record["before"]
                 train_metrics = {"steps_run": record["steps_run"], "learning_rate": record["learning_rate"]}
+            run.timings["train"] = time.perf_counter() - t0
+            if record is not None:
                 attempts.append(
                     {
                         "density": density,
@@ -241,11 +243,10 @@ def unlearn(
                         "retain_weight": record["retain_weight"],
                         "steps_run": record["steps_run"],
                         "gave_up": record["gave_up"],
-                        "seconds": time.perf_counter() - t0,
+                        "seconds": run.timings["train"],
                         "path": [[e["step"], e["forget"], e["heldout"]] for e in record["evaluations"]],
                     }
                 )
-            run.timings["train"] = time.perf_counter() - t0
             if record is None or record["target_met"]:
                 break
         if record is not None and len(densities) > 1:
